@@ -1,0 +1,77 @@
+"""Checkpoint files: written atomically, read back with a clear error when corrupt or mismatched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def settings_hash(settings: dict) -> str:
+    """Short stable hash of a JSON-able settings dict."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of a model's weights (names, shapes and values), to tie artefacts to a checkpoint."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, expected_settings: dict | None = None) -> dict[str, Any]:
+    """Load a checkpoint; refuse one that is unreadable or made with other settings.
+
+    expected_settings: if given, compared with the checkpoint's `settings`; a difference raises
+    ValueError naming each differing key.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; run the training stage first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a diffattr checkpoint ({err}); delete it and "
+            "rerun the training stage (it resumes from the previous checkpoint)"
+        ) from err
+    if not isinstance(payload, dict) or "settings" not in payload or "model" not in payload:
+        raise ValueError(f"{path} is not a diffattr checkpoint (no settings/model inside)")
+    if expected_settings is not None:
+        diff = settings_diff(payload["settings"], expected_settings)
+        if diff:
+            raise ValueError(
+                f"checkpoint {path} was made with other settings: {diff}; use the matching "
+                "parameters or retrain"
+            )
+    return payload
+
+
+def settings_diff(stored: dict, requested: dict) -> str:
+    """'key: stored → requested' for each differing key (after a JSON round trip), '' if none."""
+    a = json.loads(json.dumps(stored, sort_keys=True, default=str))
+    b = json.loads(json.dumps(requested, sort_keys=True, default=str))
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))

@@ -1,0 +1,226 @@
+"""Typed, validated parameters: one source of defaults, scale profiles, `params.yaml` overrides.
+
+`params.yaml` names a `profile` (a scale: digits, cifar2, …) and may override any key of any
+section; the profile supplies everything else. A misspelt section, key or choice fails at once
+with the valid options.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffattr.data import DATASET_NAMES
+from diffattr.diffusion import LOSS_KINDS, SCHEDULES, UNET_CONFIGS
+
+
+@dataclass
+class DataParams:
+    dataset: str = "digits"
+    root: str = "data/raw"  # where user-provided datasets live (CIFAR-10, MNIST, CelebA)
+    image_size: int | None = None  # None = the dataset's native working size
+    split_seed: int = 0  # train / held-out split and subset draws
+
+
+@dataclass
+class ModelParams:
+    unet: str = "tiny"
+    schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    loss: str = "l2"  # [ReTrac]'s released code trains and attributes with l1
+
+
+@dataclass
+class TrainParams:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    lr_decay: str = "cosine"  # constant | cosine (to 0 at the last step, after warm-up)
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    checkpoints: int | list[int] = 5  # a count (evenly spaced, the last at `steps`) or steps
+    resume_every: int = 250  # steps between resume checkpoints
+    seed: int = 0  # initialisation, batch order, timesteps and noise of every step
+
+
+@dataclass
+class SampleParams:
+    num_queries: int = 32  # generated samples of the final EMA model, attributed later
+    num_inference_steps: int = 250  # DDPM ancestral steps (strided from T)
+    seed: int = 1000  # query i is generated from seed + i
+    batch_size: int = 64
+    grid_samples: int = 16  # samples shown per checkpoint in the notebook
+
+
+@dataclass
+class Params:
+    profile: str = "digits"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def checkpoint_steps(self) -> list[int]:
+        """Sorted training steps at which attribution checkpoints are kept."""
+        return resolve_checkpoint_steps(self.train.checkpoints, self.train.steps)
+
+
+SECTIONS = {"data": DataParams, "model": ModelParams, "train": TrainParams, "sample": SampleParams}
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("data", "dataset"): DATASET_NAMES,
+    ("model", "unet"): tuple(UNET_CONFIGS),
+    ("model", "schedule"): SCHEDULES,
+    ("model", "loss"): LOSS_KINDS,
+    ("train", "lr_decay"): ("constant", "cosine"),
+}
+
+_CIFAR_TRAIN = {
+    "batch_size": 128,
+    "lr": 2e-4,
+    "warmup_steps": 5000,
+    "ema_decay": 0.9999,
+    "checkpoints": 10,
+    "resume_every": 5000,
+}
+
+# Scales: overrides of the defaults above. Model sizes and step counts follow the papers.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "digits": {},
+    "digits_outliers": {"data": {"dataset": "digits_outliers"}},
+    "cifar2": {
+        "data": {"dataset": "cifar2"},
+        "model": {"unet": "ddpm_cifar10"},
+        "train": {**_CIFAR_TRAIN, "steps": 160_000},
+        "sample": {"num_queries": 100, "num_inference_steps": 1000},
+    },
+    "cifar10": {
+        "data": {"dataset": "cifar10"},
+        "model": {"unet": "ddpm_cifar10"},
+        "train": {**_CIFAR_TRAIN, "steps": 800_000, "resume_every": 10_000},
+        "sample": {"num_queries": 100, "num_inference_steps": 1000},
+    },
+    "cifar_mnist": {
+        "data": {"dataset": "cifar_mnist"},
+        "model": {"unet": "ddpm_cifar10"},
+        "train": {**_CIFAR_TRAIN, "steps": 160_000},
+        "sample": {"num_queries": 100, "num_inference_steps": 1000},
+    },
+    "celeba": {
+        "data": {"dataset": "celeba", "image_size": 64},
+        "model": {"unet": "ddpm_64"},
+        "train": {**_CIFAR_TRAIN, "batch_size": 64, "steps": 500_000, "resume_every": 10_000},
+        "sample": {"num_queries": 100, "num_inference_steps": 1000, "batch_size": 32},
+    },
+}
+
+TOP_LEVEL = ("profile", "device", *SECTIONS)
+
+
+def _unknown(kind: str, name: object, valid: tuple[str, ...] | list[str]) -> ValueError:
+    hint = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return ValueError(f"unknown {kind} {name!r}{did_you_mean}; valid: {', '.join(map(str, valid))}")
+
+
+def resolve_checkpoint_steps(checkpoints: int | list[int], steps: int) -> list[int]:
+    """A count → evenly spaced steps ending at `steps`; a list → validated, sorted, unique."""
+    if isinstance(checkpoints, int):
+        if checkpoints < 1:
+            raise ValueError(f"train.checkpoints must be ≥ 1, got {checkpoints}")
+        count = min(checkpoints, steps)
+        return sorted({round(steps * (i + 1) / count) for i in range(count)})
+    out = sorted({int(s) for s in checkpoints})
+    if not out or out[0] < 1 or out[-1] > steps:
+        raise ValueError(f"train.checkpoints must be steps in [1, {steps}], got {checkpoints}")
+    return out
+
+
+def _merge(base: dict, overrides: dict, where: str) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        if key not in merged:
+            raise _unknown(f"parameter in {where}", key, list(merged))
+        if isinstance(merged[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key} must be a mapping, got {value!r}")
+            merged[key] = _merge(merged[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_types(section: str, values: dict) -> None:
+    for f in dataclasses.fields(SECTIONS[section]):
+        value = values[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{section}.{f.name} must be true/false, got {value!r}")
+        if isinstance(default, float) and not isinstance(value, int | float):
+            raise ValueError(f"{section}.{f.name} must be a number, got {value!r}")
+        if isinstance(default, int) and f.name != "checkpoints" and value is not None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{section}.{f.name} must be an integer, got {value!r}")
+        if (section, f.name) in CHOICES and value not in CHOICES[(section, f.name)]:
+            raise _unknown(f"{section}.{f.name}", value, CHOICES[(section, f.name)])
+
+
+def resolve(raw: dict | None = None, overrides: dict | None = None) -> Params:
+    """Profile defaults ← `raw` (the contents of params.yaml) ← `overrides` (e.g. smoke scale).
+
+    Raises ValueError naming the valid choices for an unknown profile, section, key or value.
+    """
+    layers = [raw or {}, overrides or {}]
+    for layer in layers:
+        for key in layer:
+            if key not in TOP_LEVEL:
+                raise _unknown("top-level parameter", key, TOP_LEVEL)
+    profile = next((lay["profile"] for lay in reversed(layers) if "profile" in lay), "digits")
+    if profile not in PROFILES:
+        raise _unknown("profile", profile, tuple(PROFILES))
+    values = Params().to_dict()
+    values = _merge(values, {"profile": profile, **PROFILES[profile]}, "profile")
+    for layer in layers:
+        values = _merge(values, layer, "params")
+    for section in SECTIONS:
+        _check_types(section, values[section])
+    params = Params(
+        profile=values["profile"],
+        device=values["device"],
+        **{name: cls(**values[name]) for name, cls in SECTIONS.items()},
+    )
+    params.checkpoint_steps()  # validates
+    return params
+
+
+def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read params.yaml (missing file = all defaults) and resolve it."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping of parameters, got {type(raw).__name__}")
+    return resolve(raw, overrides)
+
+
+def main() -> None:
+    """`python -m diffattr.params [params.yaml]`: print the fully resolved parameters."""
+    import sys
+
+    print(json.dumps(load(*sys.argv[1:2]).to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Seaborn/matplotlib figures shared by the notebooks, styled for print."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+
+
+def _to_display(image: torch.Tensor | np.ndarray) -> tuple[np.ndarray, str | None]:
+    """[C, H, W] in [-1, 1] → ([H, W] or [H, W, 3] in [0, 1], colormap)."""
+    arr = np.asarray(image, dtype=np.float32)
+    arr = (np.clip(arr, -1, 1) + 1) / 2
+    if arr.shape[0] == 1:
+        return arr[0], "gray_r"
+    return np.transpose(arr, (1, 2, 0)), None
+
+
+def image_grid(
+    images: torch.Tensor | np.ndarray,
+    ncols: int = 8,
+    titles: Sequence[str] | None = None,
+    suptitle: str | None = None,
+    cell: float = 0.9,
+) -> plt.Figure:
+    """A grid of images [N, C, H, W] in [-1, 1] (grayscale shown dark-on-light)."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.3), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            arr, cmap = _to_display(images[i])
+            ax.imshow(arr, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve(loss_history: np.ndarray, window: int = 50, checkpoints: Sequence[int] = ()) -> plt.Figure:
+    """Per-step training loss with a rolling mean; checkpoint steps marked."""
+    steps = np.arange(1, len(loss_history) + 1)
+    frame = pd.DataFrame({"step": steps, "loss": loss_history})
+    frame["rolling mean"] = frame["loss"].rolling(window, min_periods=1).mean()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    sns.lineplot(frame, x="step", y="loss", ax=ax, color="0.75", linewidth=0.6, label="per step")
+    sns.lineplot(frame, x="step", y="rolling mean", ax=ax, color="C0", label=f"{window}-step mean")
+    for s in checkpoints:
+        ax.axvline(s, color="C3", linestyle=":", linewidth=0.8)
+    ax.set(yscale="log", xlabel="training step", ylabel="loss")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def checkpoint_samples(samples: dict[int, torch.Tensor], per_row: int = 16) -> plt.Figure:
+    """One row of generated samples per checkpoint step (samples: step → [N, C, H, W])."""
+    steps = sorted(samples)
+    ncols = min(per_row, min(len(v) for v in samples.values()))
+    fig, axes = plt.subplots(
+        len(steps), ncols, figsize=(0.6 * ncols + 0.8, 0.6 * len(steps) + 0.3), squeeze=False
+    )
+    for r, step in enumerate(steps):
+        for c in range(ncols):
+            ax = axes[r, c]
+            arr, cmap = _to_display(samples[step][c])
+            ax.imshow(arr, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(f"step {step}", rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, path: str | Path) -> Path:
+    """Save a figure as PNG (dpi 150), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path

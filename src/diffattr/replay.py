@@ -1,0 +1,87 @@
+"""The replay log: which sample training drew at which step, and with which timestep.
+
+Noise is not stored: ε of an event is regenerated from the key (seed, step, sample id)
+(`diffusion.train_noise`), so every gradient training took can be recomputed exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class ReplayLog:
+    """One row per (step, sample) event of training.
+
+    step: int32 [E] (the update it contributed to, 0-based; weights before it are θ_step);
+    sample_id: int64 [E]; t: int16 [E]; loss: float32 [E], the per-sample loss training computed;
+    settings: seed, T, loss kind, batch size, … needed to regenerate the draws.
+    """
+
+    step: np.ndarray
+    sample_id: np.ndarray
+    t: np.ndarray
+    loss: np.ndarray
+    settings: dict
+
+    @classmethod
+    def empty(cls, steps: int, batch_size: int, settings: dict) -> ReplayLog:
+        n = steps * batch_size
+        return cls(
+            step=np.full(n, -1, np.int32),
+            sample_id=np.full(n, -1, np.int64),
+            t=np.zeros(n, np.int16),
+            loss=np.full(n, np.nan, np.float32),
+            settings=dict(settings),
+        )
+
+    def record(self, step: int, sample_ids: np.ndarray, t: np.ndarray, loss: np.ndarray) -> None:
+        """Store the events of one step (rows step·B … step·B + B − 1)."""
+        b = len(sample_ids)
+        rows = slice(step * b, step * b + b)
+        self.step[rows] = step
+        self.sample_id[rows] = sample_ids
+        self.t[rows] = t
+        self.loss[rows] = loss
+
+    def truncated(self, steps_done: int) -> ReplayLog:
+        """The events of steps [0, steps_done) only."""
+        keep = (self.step >= 0) & (self.step < steps_done)
+        return ReplayLog(
+            self.step[keep], self.sample_id[keep], self.t[keep], self.loss[keep], self.settings
+        )
+
+    def events(self, first_step: int, last_step: int) -> np.ndarray:
+        """Row indices of events with first_step ≤ step ≤ last_step."""
+        return np.flatnonzero((self.step >= first_step) & (self.step <= last_step))
+
+    def __len__(self) -> int:
+        return int((self.step >= 0).sum())
+
+    def save(self, path: str | Path) -> None:
+        keep = self.step >= 0
+        np.savez_compressed(
+            path,
+            step=self.step[keep],
+            sample_id=self.sample_id[keep],
+            t=self.t[keep],
+            loss=self.loss[keep],
+            settings=np.array(json.dumps(self.settings, sort_keys=True)),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReplayLog:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no replay log at {path}; run the training stage first")
+        with np.load(path) as f:
+            return cls(
+                f["step"], f["sample_id"], f["t"], f["loss"], json.loads(str(f["settings"]))
+            )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"step": self.step, "sample_id": self.sample_id, "t": self.t, "loss": self.loss}

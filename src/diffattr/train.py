@@ -1,0 +1,323 @@
+"""DDPM training: AdamW, warm-up and cosine decay, EMA, clipping, checkpoints, replay log, resume.
+
+Everything random is keyed by (seed, step, sample id), so a run interrupted at any point and
+resumed from its last checkpoint ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffattr.checkpoints import (
+    checkpoint_name,
+    load_checkpoint,
+    save_checkpoint,
+    settings_hash,
+    weights_hash,
+)
+from diffattr.data import ImageDataset
+from diffattr.diffusion import (
+    add_noise,
+    build_scheduler,
+    build_unet,
+    epoch_permutation,
+    per_sample_loss,
+    predict_eps,
+    train_noise,
+    train_timesteps,
+    unet_config,
+)
+from diffattr.params import ModelParams, TrainParams, resolve_checkpoint_steps
+from diffattr.replay import ReplayLog
+
+RESUME_FILE = "resume.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind (all also on disk under `out_dir`)."""
+
+    out_dir: Path
+    model: torch.nn.Module  # raw weights after the last step
+    ema: torch.nn.Module  # EMA weights after the last step
+    log: ReplayLog
+    loss_history: np.ndarray  # [steps] mean training loss per step
+    checkpoint_steps: list[int]
+    wall_time_s: float  # time spent training in this process (a resumed run counts its part)
+    settings: dict
+    resumed_from_step: int  # 0 for a fresh run
+
+
+def lr_at(step: int, cfg: TrainParams) -> float:
+    """Learning rate in force for the update at `step` (0-based): linear warm-up, then decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = (step - cfg.warmup_steps) / span
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Row positions of the batch at `step`: a stream of seeded epoch permutations, cut in
+    consecutive batches (each epoch shows every sample once). Returns [batch_size] int64."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
+        out[sel] = epoch_permutation(seed, int(epoch), n)[positions[sel] % n]
+    return out
+
+
+def run_settings(
+    dataset: ImageDataset, model_cfg: ModelParams, train_cfg: TrainParams, config: dict
+) -> dict:
+    """Everything that determines the trained weights; a resume must match it exactly."""
+    return {
+        "dataset": dataset.name,
+        "train_ids_hash": settings_hash({"ids": dataset.ids.tolist()}),
+        "n_train": len(dataset),
+        "image_shape": list(dataset.image_shape),
+        "unet_config": config,
+        "model": vars(model_cfg).copy(),
+        "train": {**vars(train_cfg), "checkpoints": list(
+            resolve_checkpoint_steps(train_cfg.checkpoints, train_cfg.steps)
+        )},
+    }
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+class _Run:
+    """Mutable state of one training run, savable and restorable as a whole."""
+
+    def __init__(self, settings: dict, dataset: ImageDataset, device: torch.device, seed: int):
+        self.settings = settings
+        self.model = build_unet(settings["unet_config"], seed).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        tc = settings["train"]
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"]
+        )
+        self.log = ReplayLog.empty(tc["steps"], tc["batch_size"], self.log_settings(dataset))
+        self.loss_history = np.full(tc["steps"], np.nan, np.float32)
+        self.step = 0
+        self.lr = 0.0
+
+    def log_settings(self, dataset: ImageDataset) -> dict:
+        tc, mc = self.settings["train"], self.settings["model"]
+        return {
+            "seed": tc["seed"],
+            "batch_size": tc["batch_size"],
+            "num_train_timesteps": mc["num_train_timesteps"],
+            "schedule": mc["schedule"],
+            "loss": mc["loss"],
+            "dataset": dataset.name,
+            "image_shape": list(dataset.image_shape),
+        }
+
+    def payload(self) -> dict:
+        return {
+            "step": self.step,
+            "lr": self.lr,
+            "settings": self.settings,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "log": self.log.truncated(self.step).to_arrays(),
+            "loss_history": self.loss_history[: self.step].copy(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "weights_hash": weights_hash(self.model.state_dict()),
+        }
+
+    def restore(self, payload: dict) -> None:
+        self.step = int(payload["step"])
+        self.lr = float(payload["lr"])
+        self.model.load_state_dict(payload["model"])
+        self.ema.load_state_dict(payload["ema"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        arrays = payload["log"]
+        b = self.settings["train"]["batch_size"]
+        for s in range(self.step):
+            rows = slice(s * b, s * b + b)
+            self.log.record(s, arrays["sample_id"][rows], arrays["t"][rows], arrays["loss"][rows])
+        self.loss_history[: self.step] = payload["loss_history"]
+        torch.set_rng_state(payload["rng"]["torch"])
+        np.random.set_state(payload["rng"]["numpy"])
+
+
+def _latest_checkpoint(work_dir: Path, settings: dict) -> dict | None:
+    """The most advanced readable checkpoint of this run in work_dir, or None."""
+    candidates = sorted(work_dir.glob("step_*.pt")) + [work_dir / RESUME_FILE]
+    best = None
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            payload = load_checkpoint(path, settings)
+        except ValueError as err:
+            warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=3)
+            continue
+        if best is None or payload["step"] > best["step"]:
+            best = payload
+    return best
+
+
+def default_work_dir(out_dir: Path, settings: dict) -> Path:
+    """Where an unfinished run keeps its checkpoints: beside out_dir, keyed by the settings,
+    so that DVC clearing out_dir before a rerun does not lose them."""
+    return out_dir.parent / f".{out_dir.name}-work" / settings_hash(settings)
+
+
+def train(
+    dataset: ImageDataset,
+    model_cfg: ModelParams,
+    train_cfg: TrainParams,
+    out_dir: str | Path,
+    device: torch.device | str = "cpu",
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a DDPM on `dataset` (all of it: pass `dataset.subset(ids)` to train on a subset).
+
+    Writes to out_dir: checkpoints `step_XXXXXXX.pt` (model, EMA, optimizer, learning rate in
+    force, RNG state, replay log so far), `replay_log.npz`, `loss_history.npy`, `final_ema/`
+    (a diffusers `UNet2DModel` folder) and `run.json`. An interrupted run resumes from the last
+    checkpoint in work_dir. Raises NonFiniteLossError naming the step and sample ids.
+    """
+    out_dir, device = Path(out_dir), torch.device(device)
+    config = unet_config(model_cfg.unet, dataset.image_shape)
+    settings = run_settings(dataset, model_cfg, train_cfg, config)
+    work = Path(work_dir) if work_dir is not None else default_work_dir(out_dir, settings)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+
+    run = _Run(settings, dataset, device, train_cfg.seed)
+    latest = _latest_checkpoint(work, settings)
+    if latest is not None:
+        run.restore(latest)
+    resumed_from = run.step
+    scheduler = build_scheduler(model_cfg.schedule, model_cfg.num_train_timesteps)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    images = dataset.images.to(device)
+    keep_steps = set(settings["train"]["checkpoints"])
+    started = time.perf_counter()
+
+    bar = tqdm(total=train_cfg.steps, initial=run.step, disable=not progress, desc="training")
+    run.model.train()
+    while run.step < train_cfg.steps:
+        step = run.step
+        rows = batch_rows(step, train_cfg.batch_size, len(dataset), train_cfg.seed)
+        ids = dataset.ids[rows]
+        t = train_timesteps(train_cfg.seed, step, ids, model_cfg.num_train_timesteps).to(device)
+        eps = train_noise(train_cfg.seed, step, ids, dataset.image_shape, device)
+        x_t = add_noise(images[rows], eps, t, alphas_cumprod)
+        losses = per_sample_loss(predict_eps(run.model, x_t, t), eps, model_cfg.loss)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            bad = ids[~finite.cpu().numpy()].tolist()
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} for sample ids {bad[:20]}; the last good "
+                f"checkpoint is in {work}. Lower train.lr or check these samples."
+            )
+        run.lr = lr_at(step, train_cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.lr
+        run.optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), train_cfg.grad_clip)
+        run.optimizer.step()
+        _ema_update(run.ema, run.model, min(train_cfg.ema_decay, (1 + step) / (10 + step)))
+        loss_values = losses.detach().cpu().numpy()
+        run.log.record(step, ids, t.cpu().numpy(), loss_values)
+        run.loss_history[step] = loss_values.mean()
+        run.step = step + 1
+        if run.step in keep_steps:
+            save_checkpoint(work / checkpoint_name(run.step), run.payload())
+        elif run.step % train_cfg.resume_every == 0:
+            save_checkpoint(work / RESUME_FILE, run.payload())
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{run.loss_history[max(0, step - 49): step + 1].mean():.4f}")
+    bar.close()
+    wall = time.perf_counter() - started
+    _finish(out_dir, work, run, wall)
+    return TrainResult(
+        out_dir=out_dir,
+        model=run.model,
+        ema=run.ema,
+        log=run.log.truncated(run.step),
+        loss_history=run.loss_history,
+        checkpoint_steps=settings["train"]["checkpoints"],
+        wall_time_s=wall,
+        settings=settings,
+        resumed_from_step=resumed_from,
+    )
+
+
+def _finish(out_dir: Path, work: Path, run: _Run, wall: float) -> None:
+    """Move the checkpoints of a finished run into out_dir and write its summary files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    for step in run.settings["train"]["checkpoints"]:
+        src = work / checkpoint_name(step)
+        if src.exists():
+            shutil.copy2(src, ckpt_dir / src.name)
+    run.log.truncated(run.step).save(out_dir / "replay_log.npz")
+    np.save(out_dir / "loss_history.npy", run.loss_history)
+    run.ema.save_pretrained(out_dir / "final_ema")
+    train_cfg = TrainParams(**run.settings["train"])
+    summary = {
+        "settings": run.settings,
+        "steps": run.step,
+        "checkpoints": [
+            {"step": s, "file": f"checkpoints/{checkpoint_name(s)}", "lr": lr_at(s - 1, train_cfg)}
+            for s in run.settings["train"]["checkpoints"]
+        ],
+        "final_weights_hash": weights_hash(run.model.state_dict()),
+        "final_ema_hash": weights_hash(run.ema.state_dict()),
+        "wall_time_s_last_session": wall,
+    }
+    (out_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def load_trained(out_dir: str | Path, step: int | None = None, ema: bool = False):
+    """A trained `UNet2DModel` from a training output: checkpoint `step` (default: the last),
+    raw or EMA weights. Returns (model, checkpoint payload)."""
+    out_dir = Path(out_dir)
+    summary_path = out_dir / "run.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"no finished training run in {out_dir}; run the train stage")
+    summary = json.loads(summary_path.read_text())
+    steps = [c["step"] for c in summary["checkpoints"]]
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"no checkpoint at step {step} in {out_dir}; available: {steps}")
+    payload = load_checkpoint(out_dir / "checkpoints" / checkpoint_name(step), summary["settings"])
+    model = build_unet(payload["settings"]["unet_config"])
+    model.load_state_dict(payload["ema" if ema else "model"])
+    return model.eval(), payload
