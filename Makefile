@@ -9,6 +9,8 @@ STAMP := $(VENV)/.diffattr-installed
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
+# dvc runs stage commands in a shell: put the environment first on its PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # Quiet the kernel's "running over TCP without encryption" warning on every notebook run.
 define SILENCE_KERNEL

@@ -39,7 +39,7 @@ class ModelParams:
 
 @dataclass
 class TrainParams:
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -62,6 +62,29 @@ class SampleParams:
 
 
 @dataclass
+class GradientParams:
+    checkpoints: str | list[int] = "all"  # trajectory checkpoints (raw weights): all | last | steps
+    replay_window: str = "epoch"  # epoch: the last epoch before each checkpoint | interval: all
+    #                               steps since the previous checkpoint
+    query_timesteps: int = 10  # M: evenly spaced grid of timesteps for queries
+    query_draws: int = 2  # S: noise draws per query timestep (averaged, kept per timestep)
+    heldout_queries: int = 32  # held-out images attributed beside the generated queries
+    train_timesteps: int = 4  # grid for training samples (non-replay TracIn, TRAK features)
+    train_grid_at: str = "last"  # raw checkpoints with training-grid features: last | all
+    ema: bool = True  # also extract at the final EMA weights (influence functions, TRAK)
+    profile_timesteps: int = 25  # fine grid for the norm-vs-timestep profile
+    profile_samples: int = 32  # training samples in the profile
+    profile_draws: int = 2  # noise draws per (sample, timestep) in the profile
+    projection: str = "auto"  # auto (sparse on CPU, rademacher on GPU) | sparse | gaussian |
+    #                           rademacher | none
+    projection_dim: int = 2048
+    projection_seed: int = 0
+    batch_size: int = 64  # items per vmap call
+    chunk_size: int | None = None  # vmap chunk size (None = whole batch at once)
+    seed: int = 0  # keys the grid noise draws
+
+
+@dataclass
 class Params:
     profile: str = "digits"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -69,6 +92,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     sample: SampleParams = field(default_factory=SampleParams)
+    gradients: GradientParams = field(default_factory=GradientParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,8 +101,29 @@ class Params:
         """Sorted training steps at which attribution checkpoints are kept."""
         return resolve_checkpoint_steps(self.train.checkpoints, self.train.steps)
 
+    def gradient_checkpoint_steps(self) -> list[int]:
+        """Trajectory checkpoints the gradient stage extracts at (a subset of the kept ones)."""
+        kept = self.checkpoint_steps()
+        chosen = self.gradients.checkpoints
+        if chosen == "all":
+            return kept
+        if chosen == "last":
+            return kept[-1:]
+        if isinstance(chosen, list) and chosen and set(chosen) <= set(kept):
+            return sorted(set(chosen))
+        raise ValueError(
+            f"gradients.checkpoints must be all, last or a list of kept training checkpoints "
+            f"{kept}; got {chosen!r}"
+        )
 
-SECTIONS = {"data": DataParams, "model": ModelParams, "train": TrainParams, "sample": SampleParams}
+
+SECTIONS = {
+    "data": DataParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "sample": SampleParams,
+    "gradients": GradientParams,
+}
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "dataset"): DATASET_NAMES,
@@ -86,6 +131,9 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "schedule"): SCHEDULES,
     ("model", "loss"): LOSS_KINDS,
     ("train", "lr_decay"): ("constant", "cosine"),
+    ("gradients", "replay_window"): ("epoch", "interval"),
+    ("gradients", "train_grid_at"): ("last", "all"),
+    ("gradients", "projection"): ("auto", "sparse", "gaussian", "rademacher", "none"),
 }
 
 _CIFAR_TRAIN = {
@@ -171,7 +219,7 @@ def _check_types(section: str, values: dict) -> None:
             raise ValueError(f"{section}.{f.name} must be true/false, got {value!r}")
         if isinstance(default, float) and not isinstance(value, int | float):
             raise ValueError(f"{section}.{f.name} must be a number, got {value!r}")
-        if isinstance(default, int) and f.name != "checkpoints" and value is not None:
+        if isinstance(default, int) and not isinstance(default, bool) and f.name != "checkpoints":
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{section}.{f.name} must be an integer, got {value!r}")
         if (section, f.name) in CHOICES and value not in CHOICES[(section, f.name)]:
@@ -202,7 +250,7 @@ def resolve(raw: dict | None = None, overrides: dict | None = None) -> Params:
         device=values["device"],
         **{name: cls(**values[name]) for name, cls in SECTIONS.items()},
     )
-    params.checkpoint_steps()  # validates
+    params.gradient_checkpoint_steps()  # validates both checkpoint lists
     return params
 
 

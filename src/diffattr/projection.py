@@ -43,9 +43,11 @@ PROJECTION_KINDS = ("sparse", "gaussian", "rademacher", "none")
 HASH_SCHEME = 1
 
 MASK32 = 0xFFFFFFFF
-# Constants of Chris Wellons' "lowbias32" 32-bit finaliser (a bijection of [0, 2^32)).
-_MIX_C1 = 0x7FEB352D
-_MIX_C2 = 0x846CA68B
+# A 32-bit finaliser from Chris Wellons' hash-prospector (the "[16 21f0aaad 15 735a2d97 15]"
+# variant of lowbias32): a bijection of [0, 2^32) with low avalanche bias. Both multipliers are
+# below 2^31, so x·c < 2^63 for x < 2^32 and int64 tensor arithmetic never overflows.
+_MIX_SHIFTS = (16, 15, 15)
+_MIX_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
 _HASH_INIT = 0x243F6A88  # first digits of pi, the initial state of `hash_prefix`
 
 # One tag per purpose of a hashed word, so that different uses never share a stream.
@@ -57,12 +59,14 @@ TAG_GAUSSIAN_ROW = 5
 TAG_GAUSSIAN_COL_U1 = 6
 TAG_GAUSSIAN_COL_U2 = 7
 
-# Target peak size of one block's temporaries for the dense projector, and of the coordinate
-# tables computed at once for the sparse one.
-_BLOCK_BYTES = 256 * 2**20
-# Bytes of temporaries per generated matrix entry of a dense block (int64 hashes, float64
-# Box–Muller values, the float32 result).
-_DENSE_BYTES_PER_ENTRY = 32
+# Default size of one float32 block of P in the dense projector ([block_size, k], 64 MB).
+_BLOCK_BYTES = 64 * 2**20
+# Dense entries generated at once (about 32 bytes of temporaries each): moderate on CPU, where
+# smaller chunks fit the cache but pay one thread-pool round per elementwise op (ruinous when
+# other processes share the cores), larger on accelerators (fewer kernel launches). A block and
+# its temporaries stay under about 256 MB.
+_GEN_ENTRIES_CPU = 2**21
+_GEN_ENTRIES_ACCEL = 2**22
 _SPARSE_DEFAULT_BLOCK = 2**20
 _TABLE_BLOCK = 2**22
 
@@ -72,48 +76,38 @@ _TABLE_BLOCK = 2**22
 
 
 def mix32_int(x: int) -> int:
-    """lowbias32 finaliser on a Python int in [0, 2^32); returns an int in [0, 2^32)."""
-    x ^= x >> 16
-    x = (x * _MIX_C1) & MASK32
-    x ^= x >> 15
-    x = (x * _MIX_C2) & MASK32
-    x ^= x >> 16
-    return x
-
-
-def _mulmod32_(x: torch.Tensor, c: int) -> torch.Tensor:
-    """In place ``x = (x * c) mod 2^32`` for int64 ``x`` in [0, 2^32) and 0 <= c < 2^32.
-
-    ``c`` is split in 16-bit halves so that no product exceeds 2^48 (no int64 overflow):
-    ``x·c = x·c_lo + (x·c_hi mod 2^16)·2^16  (mod 2^32)``.
-    """
-    high = x * (c >> 16)
-    high &= 0xFFFF
-    high <<= 16
-    x.mul_(c & 0xFFFF)
-    x += high
-    x &= MASK32
+    """The 32-bit finaliser on a Python int in [0, 2^32); returns an int in [0, 2^32)."""
+    s1, s2, s3 = _MIX_SHIFTS
+    c1, c2 = _MIX_MULTIPLIERS
+    x ^= x >> s1
+    x = (x * c1) & MASK32
+    x ^= x >> s2
+    x = (x * c2) & MASK32
+    x ^= x >> s3
     return x
 
 
 def mix32_(x: torch.Tensor) -> torch.Tensor:
-    """In place lowbias32 finaliser on an int64 tensor with values in [0, 2^32).
+    """In place 32-bit finaliser on an int64 tensor with values in [0, 2^32); returns ``x``.
 
-    Only non-negative values below 2^48 ever occur, so arithmetic shifts act as logical ones
-    and the result is the same on every device. Returns ``x``.
+    Values stay non-negative and below 2^63, so arithmetic shifts act as logical ones and the
+    result is the same on every device.
     """
     if x.dtype != torch.int64:
         raise ValueError(f"mix32_ expects an int64 tensor, got {x.dtype}")
-    x ^= x >> 16
-    _mulmod32_(x, _MIX_C1)
-    x ^= x >> 15
-    _mulmod32_(x, _MIX_C2)
-    x ^= x >> 16
+    s1, s2, s3 = _MIX_SHIFTS
+    c1, c2 = _MIX_MULTIPLIERS
+    tmp = torch.empty_like(x)
+    x ^= torch.bitwise_right_shift(x, s1, out=tmp)
+    x.mul_(c1).bitwise_and_(MASK32)
+    x ^= torch.bitwise_right_shift(x, s2, out=tmp)
+    x.mul_(c2).bitwise_and_(MASK32)
+    x ^= torch.bitwise_right_shift(x, s3, out=tmp)
     return x
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 finaliser of int64 values in [0, 2^32); returns a new int64 tensor, same shape."""
+    """The 32-bit finaliser of int64 values in [0, 2^32); returns a new int64 tensor, same shape."""
     return mix32_(x.to(torch.int64, copy=True))
 
 
@@ -338,7 +332,9 @@ class DenseProjector(Projector):
       ``u2 = U(mix32(a_i ^ b2_p))`` of column pair ``p = j // 2``, with ``U(h) = (h + ½)/2^32``:
       ``P[i, 2p] = √(−2 ln u1)·cos(2π u2)/√k`` and ``P[i, 2p+1] = √(−2 ln u1)·sin(2π u2)/√k``.
 
-    block_size: rows of ``P`` generated at once (default: temporaries of about 256 MB).
+    block_size: rows of ``P`` per matmul, ``out += g[:, block] @ P[block]`` (default: a 64 MB
+    float32 block, 4096 rows for k = 4096). It only changes rounding (the summation order);
+    within a block, rows are generated in device-sized chunks that change nothing.
     """
 
     def __init__(
@@ -356,7 +352,7 @@ class DenseProjector(Projector):
         self.dim_out = _check_dim("dim_out", dim_out)
         self.seed = _check_seed(seed)
         if block_size is None:
-            block_size = max(1, _BLOCK_BYTES // (_DENSE_BYTES_PER_ENTRY * self.dim_out))
+            block_size = max(1, _BLOCK_BYTES // (4 * self.dim_out))
         self.block_size = _check_dim("block_size", block_size, 2**63)
         self._col_keys: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
@@ -385,28 +381,41 @@ class DenseProjector(Projector):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Rows ``[start, stop)`` of ``P``, scaled by 1/√k: ``[stop − start, dim_out]``."""
+        """Rows ``[start, stop)`` of ``P``, scaled by 1/√k: ``[stop − start, dim_out]`` on ``device``.
+
+        Generated in chunks of rows sized for the device; every entry is a
+        function of its (row, col) alone, so the chunking never changes a value.
+        """
         if not 0 <= start <= stop <= self.dim_in:
             raise ValueError(f"rows [{start}, {stop}) outside [0, {self.dim_in})")
         device = torch.device(device)
-        rows = torch.arange(start, stop, dtype=torch.int64, device=device)
+        out = torch.empty(stop - start, self.dim_out, dtype=dtype, device=device)
+        entries = _GEN_ENTRIES_CPU if device.type == "cpu" else _GEN_ENTRIES_ACCEL
+        for s, e in _blocks(stop - start, max(1, entries // self.dim_out)):
+            self._generate_(out[s:e], start + s)
+        return out
+
+    def _generate_(self, out: torch.Tensor, start: int) -> None:
+        """Fill ``out: [n, dim_out]`` with rows ``[start, start + n)`` of ``P``."""
+        n, device = out.shape[0], out.device
+        rows = torch.arange(start, start + n, dtype=torch.int64, device=device)
         scale = 1.0 / math.sqrt(self.dim_out)
         if self.kind == "rademacher":
             (b,) = self._columns(device)
             h = hash_index(self.seed, TAG_RADEMACHER_ROW, rows)[:, None] ^ b[None, :]
             mix32_(h)
             h >>= 31
-            sign = h.to(dtype)
-            del h
-            return sign.mul_(-2.0 * scale).add_(scale)
+            out.copy_(h)
+            out.mul_(-2.0 * scale).add_(scale)  # bit 0 -> +1/√k, bit 1 -> -1/√k
+            return
         b1, b2 = self._columns(device)
         a = hash_index(self.seed, TAG_GAUSSIAN_ROW, rows)[:, None]
         radius = _uniform_open01(mix32_(a ^ b1[None, :])).log_().mul_(-2.0).sqrt_()
         angle = _uniform_open01(mix32_(a ^ b2[None, :])).mul_(2.0 * math.pi)
-        pair = torch.stack((torch.cos(angle), torch.sin(angle)), dim=-1).mul_(radius[..., None])
-        del radius, angle
-        pair = pair.reshape(stop - start, -1)[:, : self.dim_out]
-        return pair.mul_(scale).to(dtype)
+        z = torch.stack((torch.cos(angle), torch.sin(angle)), dim=-1)
+        del angle
+        z.mul_(radius[..., None].mul_(scale))
+        out.copy_(z.reshape(n, -1)[:, : self.dim_out])
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         self._check_input(g)

@@ -1,0 +1,113 @@
+"""Per-sample gradients of a diffusion model with `torch.func` (`functional_call` + `vmap(grad)`).
+
+One *item* is an image x0 at a timestep t with S noise draws ε_1..S; its gradient is
+∇_θ (1/S) Σ_s f(ε_θ(x_t,s, t), ε_s), the mean over the draws, where f is
+
+- `loss`:   the training loss, mean((ε − ε̂)²) (l2) or mean(|ε − ε̂|) (l1);
+- `sqnorm`: the D-TRAK measurement mean(ε̂²).
+
+diffusers' fused attention (`F.scaled_dot_product_attention`) has no vmap batching rule on the
+CPU, so extraction runs on a copy of the model whose attention modules use the plain
+matrix-multiply processor: the same arithmetic, batched by vmap on every device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor
+from torch.func import functional_call, grad, vmap
+
+from diffattr.diffusion import add_noise, per_sample_loss
+
+MEASUREMENTS = ("loss", "sqnorm")
+
+
+def vmap_ready(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` in eval mode whose attention uses the matmul processor (vmap-safe)."""
+    clone = copy.deepcopy(model).eval()
+    for module in clone.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
+    return clone
+
+
+def measurement_fn(measurement: str, loss_kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """f(ε̂ [S, C, H, W], ε [S, C, H, W]) → [S] for a named measurement."""
+    if measurement == "loss":
+        return lambda eps_pred, eps: per_sample_loss(eps_pred, eps, loss_kind)
+    if measurement == "sqnorm":
+        return lambda eps_pred, eps: eps_pred.pow(2).flatten(1).mean(1)
+    raise ValueError(f"unknown measurement {measurement!r}; choose one of {list(MEASUREMENTS)}")
+
+
+class PerSampleGradients:
+    """Flattened per-item gradients of one model.
+
+    model: an ε-prediction `UNet2DModel` (weights are read once; the model is not modified).
+    alphas_cumprod: [T] noise schedule. Parameters are flattened in `named_parameters` order;
+    `dim` is their total count.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        alphas_cumprod: torch.Tensor,
+        loss_kind: str = "l2",
+        measurement: str = "loss",
+        chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+    ):
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.model = vmap_ready(model).to(self.device)
+        self.params = {k: v.detach() for k, v in self.model.named_parameters()}
+        self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
+        self.names = list(self.params)
+        self.dim = sum(p.numel() for p in self.params.values())
+        self.abar = alphas_cumprod.to(self.device, torch.float32)
+        self.measure = measurement_fn(measurement, loss_kind)
+        self.measurement = measurement
+        self.chunk_size = chunk_size
+        self._grad = vmap(grad(self._item_value), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)
+
+    def _item_value(self, params: dict, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+        draws = eps.shape[0]
+        x0s = x0.unsqueeze(0).expand(draws, *x0.shape)
+        ts = t.expand(draws)
+        x_t = add_noise(x0s, eps, ts, self.abar)
+        eps_pred = functional_call(self.model, (params, self.buffers), (x_t, ts)).sample
+        return self.measure(eps_pred, eps).mean()
+
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0: [B, C, H, W]; t: [B] int; eps: [B, S, C, H, W] (or [B, C, H, W] for S = 1).
+
+        Returns [B, dim] float32 on `self.device`: each row the gradient of its item's measurement
+        averaged over its S draws.
+        """
+        if eps.dim() == x0.dim():
+            eps = eps.unsqueeze(1)
+        if eps.shape[0] != x0.shape[0] or eps.shape[2:] != x0.shape[1:] or t.shape != x0.shape[:1]:
+            raise ValueError(
+                f"shapes disagree: x0 {tuple(x0.shape)}, t {tuple(t.shape)}, eps {tuple(eps.shape)}"
+                " (expected x0 [B, C, H, W], t [B], eps [B, S, C, H, W])"
+            )
+        x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
+        grads = self._grad(self.params, x0, t, eps)
+        return torch.cat([grads[name].reshape(x0.shape[0], -1) for name in self.names], dim=1)
+
+    def loop(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The same gradients by one autograd backward per item — the reference and the baseline
+        (what the official ReTrac code does); never the fast path. Returns [B, dim]."""
+        if eps.dim() == x0.dim():
+            eps = eps.unsqueeze(1)
+        params = [self.params[n].clone().requires_grad_(True) for n in self.names]
+        named = dict(zip(self.names, params, strict=True))
+        rows = []
+        for i in range(x0.shape[0]):
+            value = self._item_value(named, x0[i].to(self.device), t[i].to(self.device),
+                                     eps[i].to(self.device))
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
+        return torch.stack(rows)

@@ -1,0 +1,113 @@
+"""What gradients are taken of: items = (image, timestep, noise draws), keyed and replayable.
+
+An `ItemSet` has N rows (images) and M columns (timesteps); cell (i, m) is the image x0_i at
+timestep t[i, m] with S noise draws. Its gradient is the mean over the S draws. Every draw is a
+pure function of integer keys, so the same set gives the same numbers at every checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffattr.data import ImageDataset
+from diffattr.diffusion import TAG_GRID_EPS, keyed_normal, train_noise
+from diffattr.replay import ReplayLog
+
+# Who an image is, in grid-noise keys (so a query and a training image never share draws).
+KIND_TRAIN = 0
+KIND_GENERATED = 1
+KIND_HELDOUT = 2
+
+
+@dataclass
+class ItemSet:
+    """x0: [N, C, H, W]; t: [N, M] int64; noise(rows) → [len(rows), M, S, C, H, W]."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    draws: int
+    noise: Callable[[np.ndarray], torch.Tensor]
+
+    @property
+    def n(self) -> int:
+        return int(self.x0.shape[0])
+
+    @property
+    def m(self) -> int:
+        return int(self.t.shape[1])
+
+
+def timestep_grid(count: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """`count` evenly spaced timesteps covering [0, T) (cell centres). Returns [count] int64."""
+    if count < 1:
+        raise ValueError(f"a timestep grid needs ≥ 1 timestep, got {count}")
+    edges = np.linspace(0, num_train_timesteps, count + 1)
+    return np.floor((edges[:-1] + edges[1:]) / 2).astype(np.int64)
+
+
+def grid_items(
+    x0: torch.Tensor,
+    keys: np.ndarray,
+    kind: int,
+    timesteps: np.ndarray,
+    draws: int,
+    seed: int,
+) -> ItemSet:
+    """Every image at every grid timestep, `draws` keyed noise draws per cell.
+
+    keys: [N] int, the image ids (dataset ids, or query indices) keying the noise together
+    with `kind`, the timestep and the draw index.
+    """
+    keys = np.asarray(keys, np.int64)
+    if len(keys) != len(x0):
+        raise ValueError(f"{len(x0)} images but {len(keys)} keys")
+    grid = torch.as_tensor(np.asarray(timesteps, np.int64))
+    shape = tuple(x0.shape[1:])
+
+    def noise(rows: np.ndarray) -> torch.Tensor:
+        cells = [
+            (seed, TAG_GRID_EPS, kind, int(keys[r]), int(t), s)
+            for r in rows
+            for t in grid
+            for s in range(draws)
+        ]
+        return keyed_normal(shape, cells).reshape(len(rows), len(grid), draws, *shape)
+
+    return ItemSet(x0=x0, t=grid.expand(len(x0), -1).clone(), draws=draws, noise=noise)
+
+
+def replay_items(dataset: ImageDataset, log: ReplayLog, events: np.ndarray) -> ItemSet:
+    """The training draws of the given replay-log rows, exactly as training made them
+    (same image, t and ε): N = len(events), M = S = 1."""
+    seed, shape = log.settings["seed"], tuple(dataset.image_shape)
+    sample_ids, steps = log.sample_id[events], log.step[events]
+    x0 = dataset.images[torch.from_numpy(dataset.positions(sample_ids))]
+    t = torch.from_numpy(log.t[events].astype(np.int64)).unsqueeze(1)
+
+    def noise(rows: np.ndarray) -> torch.Tensor:
+        eps = torch.cat(
+            [train_noise(seed, int(steps[r]), [int(sample_ids[r])], shape) for r in rows]
+        )
+        return eps.reshape(len(rows), 1, 1, *shape)
+
+    return ItemSet(x0=x0, t=t, draws=1, noise=noise)
+
+
+def replay_window(log: ReplayLog, checkpoint: int, previous: int, window: str, n_train: int) -> np.ndarray:
+    """Replay-log rows that checkpoint `checkpoint` stands for.
+
+    window "epoch": the last epoch of steps before it (ceil(n_train / batch) steps);
+    "interval": every step since the previous kept checkpoint. Returns row indices.
+    """
+    batch = int(log.settings["batch_size"])
+    if window == "epoch":
+        first = checkpoint - int(np.ceil(n_train / batch))
+    elif window == "interval":
+        first = previous
+    else:
+        raise ValueError(f"unknown replay window {window!r}; choose epoch or interval")
+    return log.events(max(first, 0), checkpoint - 1)

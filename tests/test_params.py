@@ -1,0 +1,54 @@
+"""Parameters: profiles, overrides, and typos that fail at once with the valid choices."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from diffattr.params import PROFILES, load, resolve, resolve_checkpoint_steps
+
+
+def test_default_profile_is_digits_and_overrides_apply():
+    p = resolve({"train": {"steps": 30}})
+    assert p.profile == "digits" and p.data.dataset == "digits" and p.train.steps == 30
+    q = resolve({"train": {"steps": 30}}, {"train": {"batch_size": 4}})
+    assert q.train.steps == 30 and q.train.batch_size == 4
+
+
+def test_profile_switches_the_whole_scale():
+    p = resolve({"profile": "cifar2"})
+    assert p.data.dataset == "cifar2" and p.model.unet == "ddpm_cifar10"
+    assert p.train.steps == PROFILES["cifar2"]["train"]["steps"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"profile": "cifar3"}, "cifar2"),
+        ({"trian": {}}, "did you mean 'train'"),
+        ({"train": {"stpes": 3}}, "did you mean 'steps'"),
+        ({"model": {"loss": "l3"}}, "valid: l2, l1"),
+        ({"data": {"dataset": "mnist"}}, "digits"),
+        ({"train": {"steps": "many"}}, "integer"),
+        ({"train": {"lr": "fast"}}, "number"),
+        ({"train": {"checkpoints": [0, 5]}}, "checkpoints"),
+    ],
+)
+def test_typos_fail_with_the_valid_choices(raw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        resolve(raw)
+
+
+def test_checkpoint_count_is_evenly_spaced_and_ends_at_the_last_step():
+    assert resolve_checkpoint_steps(4, 100) == [25, 50, 75, 100]
+    assert resolve_checkpoint_steps([30, 10, 10], 100) == [10, 30]
+    assert resolve_checkpoint_steps(10, 3) == [1, 2, 3]
+
+
+def test_the_repository_params_file_resolves(tmp_path):
+    p = load("params.yaml")
+    assert p.profile == "digits"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"profile": "celeba"}))
+    assert load(path).data.image_size == 64
+    assert load(tmp_path / "missing.yaml").profile == "digits"
