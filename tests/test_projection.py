@@ -17,6 +17,7 @@ from diffattr.projection import (
     IdentityProjector,
     SparseSketchProjector,
     make_projector,
+    projector_from_settings,
 )
 
 RANDOM_KINDS = ("sparse", "gaussian", "rademacher")
@@ -232,11 +233,15 @@ def test_projector_rebuilt_from_settings_gives_same_output(kind):
     settings = json.loads(json.dumps(p.settings()))
     assert {"kind", "dim_in", "dim_out", "seed"} <= settings.keys()
     assert settings["kind"] == kind
-    rebuilt = make_projector(
-        settings.pop("kind"), settings.pop("dim_in"), settings.pop("dim_out"),
-        settings.pop("seed"), **{k: v for k, v in settings.items() if k != "hash_scheme"},
-    )
+    rebuilt = projector_from_settings(settings)
+    assert rebuilt.settings() == p.settings()
     assert torch.equal(p.project(g), rebuilt.project(g))
+
+
+def test_settings_of_another_hash_scheme_are_refused():
+    settings = make_projector("sparse", 20, 4, seed=0).settings()
+    with pytest.raises(ValueError, match="hash scheme 0"):
+        projector_from_settings({**settings, "hash_scheme": 0})
 
 
 # --------------------------------------------------------------------------------------------

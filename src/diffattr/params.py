@@ -43,7 +43,8 @@ class TrainParams:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
-    lr_decay: str = "cosine"  # constant | cosine (to 0 at the last step, after warm-up)
+    lr_decay: str = "constant"  # constant (as DDPM) | cosine (to 0 at the last step; then the
+    #                             last checkpoint gets no weight in TracIn's Σ_k η_k)
     weight_decay: float = 0.0
     ema_decay: float = 0.995
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping

@@ -90,3 +90,48 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path
+
+
+def norm_over_t(
+    grid: np.ndarray,
+    norms: np.ndarray,
+    replayed: Sequence[tuple[int, float]] = (),
+    title: str | None = None,
+) -> plt.Figure:
+    """One sample's ‖g‖ over timesteps: norms [len(grid), draws]; replayed (t, ‖g‖) marked."""
+    frame = pd.DataFrame({
+        "t": np.repeat(grid, norms.shape[1]),
+        "norm": norms.reshape(-1),
+    })
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    sns.lineplot(frame, x="t", y="norm", ax=ax, errorbar=("pi", 100), label="grid (band: draws)")
+    for i, (t, value) in enumerate(replayed):
+        ax.scatter([t], [value], color="C3", zorder=5, marker="*", s=90,
+                   label="replayed training draw" if i == 0 else None)
+    ax.set(yscale="log", xlabel="timestep t", ylabel=r"$\|\nabla_\theta \ell\|_2$", title=title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def norm_profiles(grid: np.ndarray, profiles: dict[int, np.ndarray]) -> plt.Figure:
+    """Mean ‖g‖ over t with a 10–90% band, one line per checkpoint.
+
+    profiles: checkpoint step → norms [n_samples, len(grid), draws].
+    """
+    frames = []
+    for step, norms in sorted(profiles.items()):
+        n, m, d = norms.shape
+        frames.append(pd.DataFrame({
+            "t": np.tile(np.repeat(grid, d), n),
+            "norm": norms.reshape(-1),
+            "checkpoint": f"step {step}",
+        }))
+    frame = pd.concat(frames, ignore_index=True)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.lineplot(frame, x="t", y="norm", hue="checkpoint", estimator="mean",
+                 errorbar=("pi", 80), ax=ax, palette="viridis")
+    ax.set(yscale="log", xlabel="timestep t", ylabel=r"$\|\nabla_\theta \ell\|_2$ (mean, 10–90%)")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

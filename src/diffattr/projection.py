@@ -244,7 +244,8 @@ class SparseSketchProjector(Projector):
 
     block_size: input coordinates handled at once (bounds temporaries to ``B × block_size``).
     On CPU the sums run in coordinate order whatever the block size; on CUDA a sort-based
-    segment sum per block replaces atomics so repeated runs give the same bits.
+    segment sum per block replaces atomics so repeated runs give the same bits (its rounding
+    depends on the block size).
     """
 
     kind = "sparse"
@@ -299,11 +300,12 @@ class SparseSketchProjector(Projector):
     def project(self, g: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """Sketch ``g: [B, dim_in]`` into ``[B, dim_out]``.
 
-        method: ``"index_add"`` (default on CPU) or ``"segment"`` (default elsewhere: sort-based,
-        free of atomics, deterministic on CUDA). Both give the same values up to rounding.
+        method: ``"segment"`` (default on CUDA: sort-based, free of atomics, so repeated runs
+        give the same bits) or ``"index_add"`` (default elsewhere; sums in coordinate order on
+        CPU). Both give the same values up to rounding.
         """
         self._check_input(g)
-        method = method or ("index_add" if g.device.type == "cpu" else "segment")
+        method = method or ("segment" if g.device.type == "cuda" else "index_add")
         dtype = _accumulate_dtype(g)
         out = torch.zeros(g.shape[0], self.dim_out, dtype=dtype, device=g.device)
         if method == "index_add":
@@ -346,7 +348,9 @@ class DenseProjector(Projector):
         block_size: int | None = None,
     ):
         if kind not in ("gaussian", "rademacher"):
-            raise ValueError(f"DenseProjector kind must be 'gaussian' or 'rademacher', got {kind!r}")
+            raise ValueError(
+                f"DenseProjector kind must be 'gaussian' or 'rademacher', got {kind!r}"
+            )
         self.kind = kind
         self.dim_in = _check_dim("dim_in", dim_in)
         self.dim_out = _check_dim("dim_out", dim_out)
@@ -381,10 +385,10 @@ class DenseProjector(Projector):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Rows ``[start, stop)`` of ``P``, scaled by 1/√k: ``[stop − start, dim_out]`` on ``device``.
+        """Rows ``[start, stop)`` of ``P``, scaled by 1/√k: ``[stop − start, dim_out]``.
 
-        Generated in chunks of rows sized for the device; every entry is a
-        function of its (row, col) alone, so the chunking never changes a value.
+        Generated on ``device`` in chunks of rows sized for it; every entry is a function of
+        its (row, col) alone, so the chunking never changes a value.
         """
         if not 0 <= start <= stop <= self.dim_in:
             raise ValueError(f"rows [{start}, {stop}) outside [0, {self.dim_in})")
@@ -427,9 +431,7 @@ class DenseProjector(Projector):
         return out
 
 
-def make_projector(
-    kind: str, dim_in: int, dim_out: int | None, seed: int, **kw
-) -> Projector:
+def make_projector(kind: str, dim_in: int, dim_out: int | None, seed: int, **kw) -> Projector:
     """Build a projector by kind name (one of ``PROJECTION_KINDS``).
 
     kind "none" keeps all ``dim_in`` coordinates: ``dim_out`` must be None or ``dim_in``.
@@ -451,3 +453,24 @@ def make_projector(
     if kind == "sparse":
         return SparseSketchProjector(dim_in, dim_out, seed, **kw)
     return DenseProjector(dim_in, dim_out, seed, kind=kind, **kw)
+
+
+def projector_from_settings(settings: dict) -> Projector:
+    """Rebuild the projector that ``Projector.settings()`` describes (e.g. read from a store).
+
+    Raises ValueError if the settings were written with another hash scheme.
+    """
+    settings = dict(settings)
+    scheme = settings.pop("hash_scheme", None)
+    if scheme != HASH_SCHEME:
+        raise ValueError(
+            f"projection settings use hash scheme {scheme!r}, this code implements {HASH_SCHEME}; "
+            "the projection cannot be reproduced, recompute the projected features"
+        )
+    try:
+        kind, dim_in, dim_out, seed = (
+            settings.pop(k) for k in ("kind", "dim_in", "dim_out", "seed")
+        )
+    except KeyError as err:
+        raise ValueError(f"projection settings lack {err}: {settings}") from err
+    return make_projector(kind, dim_in, dim_out, seed, **settings)
