@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = {
     "train": {"steps": 6, "batch_size": 8, "checkpoints": 2, "warmup_steps": 2},
-    "sample": {"num_queries": 4, "num_inference_steps": 4, "grid_samples": 4},
+    "sample": {"num_queries": 4, "num_inference_steps": 4, "grid_samples": 4,
+               "grid_inference_steps": 2},
 }
 
 

@@ -91,6 +91,12 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Tests draw their gradients from torch's global generator: make them repeatable."""
+    torch.manual_seed(0)
+
+
 # --------------------------------------------------------------------------------------------
 # The hash
 
@@ -204,7 +210,7 @@ def test_dense_block_size_does_not_change_result(kind, monkeypatch):
     torch.testing.assert_close(small.project(g), large.project(g), rtol=1e-5, atol=1e-5)
     # Entries themselves are exact, whatever the block and the generation chunk.
     whole = large.matrix_block(0, 500)
-    monkeypatch.setattr(proj, "_GEN_ENTRIES_CPU", 100)
+    monkeypatch.setattr(proj, "_GEN_ENTRIES_CPU", 480)  # 10 rows a chunk
     pieces = torch.cat([small.matrix_block(s, min(500, s + 7)) for s in range(0, 500, 7)])
     assert torch.equal(whole, pieces)
 
@@ -223,7 +229,8 @@ def test_sparse_block_size_does_not_change_result_on_cpu():
 def test_sample_projection_does_not_depend_on_batch(kind):
     g = torch.randn(8, 400)
     p = make_projector(kind, 400, 24, seed=2)
-    torch.testing.assert_close(p.project(g)[3:4], p.project(g[3:4]), rtol=1e-5, atol=1e-6)
+    # Equal up to rounding: BLAS may sum in another order for another batch size.
+    torch.testing.assert_close(p.project(g)[3:4], p.project(g[3:4]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", PROJECTION_KINDS)

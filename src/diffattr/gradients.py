@@ -71,6 +71,7 @@ class PerSampleGradients:
         self.measure = measurement_fn(measurement, loss_kind)
         self.measurement = measurement
         self.chunk_size = chunk_size
+        self._out: torch.Tensor | None = None
         self._grad = vmap(grad(self._item_value), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)
 
     def _item_value(self, params: dict, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
@@ -85,7 +86,7 @@ class PerSampleGradients:
         """x0: [B, C, H, W]; t: [B] int; eps: [B, S, C, H, W] (or [B, C, H, W] for S = 1).
 
         Returns [B, dim] float32 on `self.device`: each row the gradient of its item's measurement
-        averaged over its S draws.
+        averaged over its S draws. The tensor is a buffer reused by the next call: copy it to keep.
         """
         if eps.dim() == x0.dim():
             eps = eps.unsqueeze(1)
@@ -96,7 +97,16 @@ class PerSampleGradients:
             )
         x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
         grads = self._grad(self.params, x0, t, eps)
-        return torch.cat([grads[name].reshape(x0.shape[0], -1) for name in self.names], dim=1)
+        out = self._buffer(x0.shape[0])
+        torch.cat([grads[name].reshape(x0.shape[0], -1) for name in self.names], dim=1, out=out)
+        return out
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        """A reused [rows, dim] output buffer: concatenating into fresh memory costs more than
+        the copy itself (page faults), ~0.7 vs 0.1 ms per gradient at 0.28M parameters."""
+        if self._out is None or self._out.shape[0] != rows:
+            self._out = torch.empty(rows, self.dim, device=self.device)
+        return self._out
 
     def loop(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The same gradients by one autograd backward per item — the reference and the baseline

@@ -39,7 +39,7 @@ class ModelParams:
 
 @dataclass
 class TrainParams:
-    steps: int = 1000
+    steps: int = 800
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -60,6 +60,7 @@ class SampleParams:
     seed: int = 1000  # query i is generated from seed + i
     batch_size: int = 64
     grid_samples: int = 16  # samples shown per checkpoint in the notebook
+    grid_inference_steps: int = 100  # DDPM steps for those (a quick look, not the queries)
 
 
 @dataclass
@@ -67,14 +68,14 @@ class GradientParams:
     checkpoints: str | list[int] = "all"  # trajectory checkpoints (raw weights): all | last | steps
     replay_window: str = "epoch"  # epoch: the last epoch before each checkpoint | interval: all
     #                               steps since the previous checkpoint
-    query_timesteps: int = 10  # M: evenly spaced grid of timesteps for queries
+    query_timesteps: int = 8  # M: evenly spaced grid of timesteps for queries
     query_draws: int = 2  # S: noise draws per query timestep (averaged, kept per timestep)
-    heldout_queries: int = 32  # held-out images attributed beside the generated queries
-    train_timesteps: int = 4  # grid for training samples (non-replay TracIn, TRAK features)
+    heldout_queries: int = 16  # held-out images attributed beside the generated queries
+    train_timesteps: int = 2  # grid for training samples (non-replay TracIn, TRAK features)
     train_grid_at: str = "last"  # raw checkpoints with training-grid features: last | all
     ema: bool = True  # also extract at the final EMA weights (influence functions, TRAK)
-    profile_timesteps: int = 25  # fine grid for the norm-vs-timestep profile
-    profile_samples: int = 32  # training samples in the profile
+    profile_timesteps: int = 20  # fine grid for the norm-vs-timestep profile
+    profile_samples: int = 16  # training samples in the profile
     profile_draws: int = 2  # noise draws per (sample, timestep) in the profile
     projection: str = "auto"  # auto (sparse on CPU, rademacher on GPU) | sparse | gaussian |
     #                           rademacher | none
