@@ -37,8 +37,9 @@ def test_add_noise_follows_the_closed_form():
     x0, eps = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
     t = torch.tensor([0, 500, 999])
     abar = s.alphas_cumprod[t].view(-1, 1, 1, 1)
-    assert torch.allclose(add_noise(x0, eps, t, s.alphas_cumprod),
-                          abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+    assert torch.allclose(
+        add_noise(x0, eps, t, s.alphas_cumprod), abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    )
     assert torch.allclose(add_noise(x0, eps, t, s.alphas_cumprod), s.add_noise(x0, eps, t))
 
 

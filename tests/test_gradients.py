@@ -37,8 +37,9 @@ def _batch(b: int = 6, draws: int = 1, seed: int = 0):
     return x0, t, eps
 
 
-@pytest.mark.parametrize(("loss", "measurement", "draws"),
-                         [("l2", "loss", 1), ("l1", "loss", 3), ("l2", "sqnorm", 2)])
+@pytest.mark.parametrize(
+    ("loss", "measurement", "draws"), [("l2", "loss", 1), ("l1", "loss", 3), ("l2", "sqnorm", 2)]
+)
 def test_vmap_gradients_match_an_autograd_loop(tiny_unet, loss, measurement, draws):
     grads = PerSampleGradients(tiny_unet, build_scheduler().alphas_cumprod, loss, measurement)
     x0, t, eps = _batch(draws=draws)
@@ -101,10 +102,12 @@ def test_replayed_gradient_equals_the_gradient_of_the_logged_training_loss(
     x0 = tiny_dataset.images[torch.from_numpy(tiny_dataset.positions(ids))]
     t = torch.from_numpy(log.t[events].astype(np.int64))
     eps = train_noise(train_params.seed, 4, ids, (1, 8, 8))
-    losses = per_sample_loss(predict_eps(model, add_noise(x0, eps, t, sched.alphas_cumprod), t),
-                             eps, "l2")
+    losses = per_sample_loss(
+        predict_eps(model, add_noise(x0, eps, t, sched.alphas_cumprod), t), eps, "l2"
+    )
     assert torch.equal(losses.detach(), torch.from_numpy(log.loss[events]))
     for i in range(len(events)):
         expected = torch.autograd.grad(losses[i], list(model.parameters()), retain_graph=True)
-        torch.testing.assert_close(replayed[i], torch.cat([g.reshape(-1) for g in expected]),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            replayed[i], torch.cat([g.reshape(-1) for g in expected]), rtol=1e-4, atol=1e-6
+        )

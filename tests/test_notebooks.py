@@ -12,9 +12,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = {
+    "data": {"max_train": 40},
+    "gradients": {
+        "query_timesteps": 2,
+        "query_draws": 2,
+        "heldout_queries": 2,
+        "train_timesteps": 2,
+        "profile_timesteps": 3,
+        "profile_samples": 2,
+        "projection_dim": 32,
+    },
     "train": {"steps": 6, "batch_size": 8, "checkpoints": 2, "warmup_steps": 2},
-    "sample": {"num_queries": 4, "num_inference_steps": 4, "grid_samples": 4,
-               "grid_inference_steps": 2},
+    "sample": {
+        "num_queries": 4,
+        "num_inference_steps": 4,
+        "grid_samples": 4,
+        "grid_inference_steps": 2,
+    },
 }
 
 
@@ -51,5 +65,47 @@ def test_train_notebook_writes_checkpoints_queries_figures_and_metrics(trained):
     for name in ("training_data", "loss_curve", "samples_per_checkpoint", "queries"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["n_train"] == 1600 and metrics["n_queries"] == 4
+    assert metrics["steps"] == 6 and metrics["n_train"] == 40 and metrics["n_queries"] == 4
     assert np.isfinite(metrics["final_loss"])
+
+
+@pytest.fixture(scope="module")
+def gradients(trained) -> Path:
+    """Stage 2 at smoke scale on top of the smoke stage 1."""
+    pm.execute_notebook(
+        ROOT / "notebooks" / "02_gradients.ipynb",
+        trained / "02_gradients.ipynb",
+        parameters={
+            "params_file": str(ROOT / "params.yaml"),
+            "overrides": SMOKE,
+            "train_dir": str(trained / "data" / "train"),
+            "out_dir": str(trained / "data" / "gradients"),
+            "report_dir": str(trained / "reports" / "02_gradients"),
+            "progress": False,
+        },
+        kernel_name="python3",
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    return trained
+
+
+@pytest.mark.notebook
+def test_gradients_notebook_writes_complete_stores_with_exact_norms(gradients):
+    from diffattr.store import load_store
+
+    out = gradients / "data" / "gradients"
+    index = json.loads((out / "index.json").read_text())
+    assert [s["weights"] for s in index["stores"]] == ["raw", "raw", "ema"]
+    settings, arrays = load_store(out / index["stores"][-1]["path"])
+    assert arrays["query_features"].shape == (4 + 2, 2, 32)  # 4 generated + 2 held out
+    assert arrays["train_grid_sqnorm_norm"].shape == (40, 2)
+    assert (arrays["query_norm"][:] > 0).all()
+    assert settings["projection"]["kind"] == "sparse"
+    raw_settings, raw = load_store(out / index["stores"][0]["path"])
+    assert raw["replay_norm"].shape == (len(raw["replay_events"]), 1)
+    assert raw["profile_norm"].shape == (2, 3 * 2)
+    metrics = json.loads((gradients / "reports" / "02_gradients" / "metrics.json").read_text())
+    assert metrics["gradients"] > 0 and metrics["n_params"] == raw_settings["n_params"]
+    for name in ("norm_over_t_one_sample", "norm_profile"):
+        assert (gradients / "reports" / "02_gradients" / "figures" / f"{name}.png").exists()

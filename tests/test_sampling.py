@@ -38,7 +38,9 @@ def test_sampler_matches_the_diffusers_ddpm_pipeline_math():
             a_t, a_p = abar[t], abar[prev] if prev >= 0 else torch.tensor(1.0)
             beta = 1 - a_t / a_p
             x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-            mean = a_p.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * x
+            mean = (
+                a_p.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * x
+            )
             if t > 0:
                 noise = torch.randn((1, 1, 8, 8), generator=g)
                 x = mean + ((1 - a_p) / (1 - a_t) * beta).sqrt() * noise

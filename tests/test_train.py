@@ -127,18 +127,21 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
 
     torch.set_num_threads(1)
     try:
-        resumed = train(tiny_dataset, model_params, cfg, tmp_path / "killed", work_dir=work,
-                        progress=False)
+        resumed = train(
+            tiny_dataset, model_params, cfg, tmp_path / "killed", work_dir=work, progress=False
+        )
         fresh = train(tiny_dataset, model_params, cfg, tmp_path / "fresh", progress=False)
     finally:
         torch.set_num_threads(2)
     assert resumed.resumed_from_step >= killed_at
     assert fresh.resumed_from_step == 0
-    for a, b in zip(resumed.model.state_dict().values(), fresh.model.state_dict().values(),
-                    strict=True):
+    for a, b in zip(
+        resumed.model.state_dict().values(), fresh.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
-    for a, b in zip(resumed.ema.state_dict().values(), fresh.ema.state_dict().values(),
-                    strict=True):
+    for a, b in zip(
+        resumed.ema.state_dict().values(), fresh.ema.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     assert np.array_equal(resumed.log.sample_id, fresh.log.sample_id)
     assert np.array_equal(resumed.log.t, fresh.log.t)
@@ -177,21 +180,30 @@ def test_corrupt_resume_file_is_skipped_and_training_restarts_cleanly(
     tiny_dataset, model_params, train_params, tmp_path
 ):
     settings = run_settings(
-        tiny_dataset, model_params, train_params,
+        tiny_dataset,
+        model_params,
+        train_params,
         train_mod.unet_config(model_params.unet, tiny_dataset.image_shape),
     )
     work = tmp_path / "work"
     work.mkdir()
     (work / "resume.pt").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="corrupt"):
-        result = train(tiny_dataset, model_params, train_params, tmp_path / "run", work_dir=work,
-                       progress=False)
+        result = train(
+            tiny_dataset,
+            model_params,
+            train_params,
+            tmp_path / "run",
+            work_dir=work,
+            progress=False,
+        )
     assert result.resumed_from_step == 0
     assert settings_hash(settings) == settings_hash(result.settings)
 
 
-def test_checkpoint_of_other_settings_is_refused(tiny_dataset, model_params, train_params,
-                                                 tmp_path):
+def test_checkpoint_of_other_settings_is_refused(
+    tiny_dataset, model_params, train_params, tmp_path
+):
     train(tiny_dataset, model_params, train_params, tmp_path / "run", progress=False)
     path = tmp_path / "run" / "checkpoints" / checkpoint_name(4)
     other = {**load_checkpoint(path)["settings"], "dataset": "other"}
@@ -201,10 +213,10 @@ def test_checkpoint_of_other_settings_is_refused(tiny_dataset, model_params, tra
         load_trained(tmp_path / "run", step=5)
 
 
-def test_training_on_a_subset_logs_only_its_ids(tiny_dataset, model_params, train_params,
-                                                tmp_path):
+def test_training_on_a_subset_logs_only_its_ids(tiny_dataset, model_params, train_params, tmp_path):
     keep = tiny_dataset.ids[::2]
-    result = train(tiny_dataset.subset(keep), model_params, train_params, tmp_path / "sub",
-                   progress=False)
+    result = train(
+        tiny_dataset.subset(keep), model_params, train_params, tmp_path / "sub", progress=False
+    )
     assert set(np.unique(result.log.sample_id)) <= set(keep.tolist())
     assert result.settings["n_train"] == len(keep)

@@ -226,13 +226,15 @@ def load_dataset(
     *,
     image_size: int | None = None,
     seed: int = 0,
+    limit: int | None = None,
 ) -> ImageDataset:
     """Load one split of a dataset as float32 [N, C, image_size, image_size] in [-1, 1].
 
     name: one of DATASET_NAMES. split: "train" or "heldout". root: folder holding the raw
     downloads (unused by the bundled digits sets). image_size: None = the native size (8 for
     digits, 32 for CIFAR, 64 for CelebA), else bilinear resize. seed: drives every random
-    choice (digits split, outlier patches, CIFAR-2 and MNIST draws).
+    choice (digits split, outlier patches, CIFAR-2 and MNIST draws). limit: keep only the
+    first `limit` samples (in the loaded order; ids are kept) — for smoke runs.
     Raises ValueError for an unknown name or split, DatasetNotFoundError for missing files.
     """
     if name not in _LOADERS:
@@ -245,8 +247,11 @@ def load_dataset(
         or image_size < 1
     ):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+    if limit is not None and (not isinstance(limit, int | np.integer) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     size = _NATIVE_SIZE[name] if image_size is None else image_size
-    return _LOADERS[name](split, Path(root), seed, int(size))
+    dataset = _LOADERS[name](split, Path(root), seed, int(size))
+    return dataset if limit is None else dataset.subset(dataset.ids[:limit])
 
 
 def _unknown_name_message(name: str) -> str:

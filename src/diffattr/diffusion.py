@@ -180,7 +180,7 @@ def keyed_normal(
 def train_timesteps(
     seed: int, step: int, sample_ids: Sequence[int], num_train_timesteps: int
 ) -> torch.Tensor:
-    """The timestep training draws for each sample at a step, uniform on [0, T). Returns [B] int64."""
+    """Timestep training draws for each sample at a step, uniform on [0, T). Returns [B] int64."""
     return torch.tensor(
         [
             int(

@@ -21,7 +21,9 @@ from diffattr.projection import Projector
 from diffattr.store import ArrayStore
 
 
-def array_specs(name: str, items: ItemSet, dim_out: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+def array_specs(
+    name: str, items: ItemSet, dim_out: int | None
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """Store array specs for a set: norms always, features when dim_out is given."""
     specs = {f"{name}_norm": ((items.n, items.m), "float32")}
     if dim_out is not None:
@@ -83,8 +85,14 @@ def extract(
         todo |= set(store.pending(feat_name).tolist())
     rows_per_batch = max(1, batch_size // items.m)
     stats = Throughput()
-    bar = tqdm(total=items.n, initial=items.n - len(todo), disable=not progress, desc=name,
-               unit="img", mininterval=1.0)
+    bar = tqdm(
+        total=items.n,
+        initial=items.n - len(todo),
+        disable=not progress,
+        desc=name,
+        unit="img",
+        mininterval=1.0,
+    )
     shape = tuple(items.x0.shape[1:])
     for start in range(0, items.n, rows_per_batch):
         rows = np.arange(start, min(items.n, start + rows_per_batch))

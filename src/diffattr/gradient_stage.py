@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffattr.checkpoints import checkpoint_name, weights_hash
-from diffattr.data import ImageDataset, load_dataset
+from diffattr.data import ImageDataset
 from diffattr.diffusion import build_scheduler
 from diffattr.extraction import Throughput, array_specs, extract
 from diffattr.gradients import PerSampleGradients
@@ -60,8 +60,16 @@ class QuerySet:
         parts = []
         for mask, kind in ((generated, KIND_GENERATED), (~generated, KIND_HELDOUT)):
             if mask.any():
-                parts.append(grid_items(self.images[torch.from_numpy(mask)], self.key[mask], kind,
-                                        timesteps, draws, seed))
+                parts.append(
+                    grid_items(
+                        self.images[torch.from_numpy(mask)],
+                        self.key[mask],
+                        kind,
+                        timesteps,
+                        draws,
+                        seed,
+                    )
+                )
         return _concat(parts)
 
 
@@ -78,8 +86,9 @@ def _concat(parts: list[ItemSet]) -> ItemSet:
                 out.append(part.noise(sel))
         return torch.cat(out)
 
-    return ItemSet(torch.cat([p.x0 for p in parts]), torch.cat([p.t for p in parts]),
-                   parts[0].draws, noise)
+    return ItemSet(
+        torch.cat([p.x0 for p in parts]), torch.cat([p.t for p in parts]), parts[0].draws, noise
+    )
 
 
 def load_query_set(train_dir: Path, heldout: ImageDataset, n_heldout: int) -> QuerySet:
@@ -101,7 +110,9 @@ def make_stage_projector(P: Params, dim: int, device: torch.device) -> Projector
     return make_projector(kind, dim, P.gradients.projection_dim, P.gradients.projection_seed)
 
 
-def _store_settings(P: Params, label: str, payload: dict, projector: Projector, extra: dict) -> dict:
+def _store_settings(
+    P: Params, label: str, payload: dict, projector: Projector, extra: dict
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "weights": label,
@@ -109,23 +120,26 @@ def _store_settings(P: Params, label: str, payload: dict, projector: Projector, 
         "weights_hash": weights_hash(payload["ema" if label == "ema" else "model"]),
         "training_run": payload["settings"],
         "projection": projector.settings(),
-        "gradients": {k: v for k, v in vars(P.gradients).items()
-                      if k not in ("batch_size", "chunk_size", "checkpoints", "train_grid_at")},
+        "gradients": {
+            k: v
+            for k, v in vars(P.gradients).items()
+            if k not in ("batch_size", "chunk_size", "checkpoints", "train_grid_at")
+        },
         **extra,
     }
 
 
 def run_gradient_stage(
-    P: Params, train_dir: str | Path, out_dir: str | Path, device: torch.device,
+    P: Params,
+    train_dir: str | Path,
+    out_dir: str | Path,
+    device: torch.device,
     progress: bool = True,
 ) -> dict:
     """Extract every store of the stage (resuming finished rows) and write index.json."""
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     gp = P.gradients
-    dataset = load_dataset(P.data.dataset, "train", P.data.root, image_size=P.data.image_size,
-                           seed=P.data.split_seed)
-    heldout = load_dataset(P.data.dataset, "heldout", P.data.root, image_size=P.data.image_size,
-                           seed=P.data.split_seed)
+    dataset, heldout = P.data.load("train"), P.data.load("heldout")
     log = ReplayLog.load(train_dir / "replay_log.npz")
     queries = load_query_set(train_dir, heldout, gp.heldout_queries)
     T = P.model.num_train_timesteps
@@ -137,8 +151,12 @@ def run_gradient_stage(
     }
     query_items = queries.items(grids["query"], gp.query_draws, gp.seed)
     train_items = grid_items(dataset.images, dataset.ids, KIND_TRAIN, grids["train"], 1, gp.seed)
-    profile_rows = np.linspace(0, len(dataset) - 1, min(gp.profile_samples, len(dataset))).astype(int)
-    profile_items = _profile_items(dataset, profile_rows, grids["profile"], gp.profile_draws, gp.seed)
+    profile_rows = np.linspace(0, len(dataset) - 1, min(gp.profile_samples, len(dataset))).astype(
+        int
+    )
+    profile_items = _profile_items(
+        dataset, profile_rows, grids["profile"], gp.profile_draws, gp.seed
+    )
 
     kept = P.checkpoint_steps()
     steps = P.gradient_checkpoint_steps()
@@ -149,28 +167,64 @@ def run_gradient_stage(
         model, payload = load_trained(train_dir, step)
         previous = max([s for s in kept if s < step], default=0)
         events = replay_window(log, step, previous, gp.replay_window, len(dataset))
-        sets = {"replay": (replay_items(dataset, log, events), True),
-                "query": (query_items, True),
-                "profile": (profile_items, False)}
+        sets = {
+            "replay": (replay_items(dataset, log, events), True),
+            "query": (query_items, True),
+            "profile": (profile_items, False),
+        }
         if gp.train_grid_at == "all" or step == kept[-1]:
             sets["train_grid"] = (train_items, True)
         meta = {"replay_events": events}
-        stats = _extract_store(P, out_dir / f"raw_{checkpoint_name(step)[:-3]}", "raw", model,
-                               payload, scheduler, sets, meta, device, progress)
+        stats = _extract_store(
+            P,
+            out_dir / f"raw_{checkpoint_name(step)[:-3]}",
+            "raw",
+            model,
+            payload,
+            scheduler,
+            sets,
+            meta,
+            device,
+            progress,
+        )
         total.add(stats)
-        stores.append({"weights": "raw", "step": step, "lr": float(payload["lr"]),
-                       "path": f"raw_{checkpoint_name(step)[:-3]}", "sets": sorted(sets),
-                       "n_replay_events": int(len(events))})
+        stores.append(
+            {
+                "weights": "raw",
+                "step": step,
+                "lr": float(payload["lr"]),
+                "path": f"raw_{checkpoint_name(step)[:-3]}",
+                "sets": sorted(sets),
+                "n_replay_events": int(len(events)),
+            }
+        )
     if gp.ema:
         model, payload = load_trained(train_dir, ema=True)
         sets = {"train_grid": (train_items, True), "query": (query_items, True)}
         sqnorm = {"train_grid_sqnorm": (train_items, True), "query_sqnorm": (query_items, True)}
         name = f"ema_{checkpoint_name(int(payload['step']))[:-3]}"
-        stats = _extract_store(P, out_dir / name, "ema", model, payload, scheduler, sets, {},
-                               device, progress, sqnorm_sets=sqnorm)
+        stats = _extract_store(
+            P,
+            out_dir / name,
+            "ema",
+            model,
+            payload,
+            scheduler,
+            sets,
+            {},
+            device,
+            progress,
+            sqnorm_sets=sqnorm,
+        )
         total.add(stats)
-        stores.append({"weights": "ema", "step": int(payload["step"]), "path": name,
-                       "sets": sorted(sets) + sorted(sqnorm)})
+        stores.append(
+            {
+                "weights": "ema",
+                "step": int(payload["step"]),
+                "path": name,
+                "sets": sorted(sets) + sorted(sqnorm),
+            }
+        )
     index = {
         "format_version": FORMAT_VERSION,
         "stores": stores,
@@ -188,12 +242,14 @@ def run_gradient_stage(
     return index
 
 
-def _profile_items(dataset: ImageDataset, rows: np.ndarray, grid: np.ndarray, draws: int,
-                   seed: int) -> ItemSet:
+def _profile_items(
+    dataset: ImageDataset, rows: np.ndarray, grid: np.ndarray, draws: int, seed: int
+) -> ItemSet:
     """Each draw its own column (norms are needed per draw, not averaged): M = len(grid)·draws,
     columns ordered timestep-major."""
-    base = grid_items(dataset.images[torch.from_numpy(rows)], dataset.ids[rows], KIND_TRAIN, grid,
-                      draws, seed)
+    base = grid_items(
+        dataset.images[torch.from_numpy(rows)], dataset.ids[rows], KIND_TRAIN, grid, draws, seed
+    )
     t = base.t.repeat_interleave(draws, dim=1)
 
     def noise(r: np.ndarray) -> torch.Tensor:
@@ -204,13 +260,22 @@ def _profile_items(dataset: ImageDataset, rows: np.ndarray, grid: np.ndarray, dr
 
 
 def _extract_store(
-    P: Params, path: Path, label: str, model: torch.nn.Module, payload: dict, scheduler,
-    sets: dict[str, tuple[ItemSet, bool]], meta: dict[str, np.ndarray], device: torch.device,
-    progress: bool, sqnorm_sets: dict[str, tuple[ItemSet, bool]] | None = None,
+    P: Params,
+    path: Path,
+    label: str,
+    model: torch.nn.Module,
+    payload: dict,
+    scheduler,
+    sets: dict[str, tuple[ItemSet, bool]],
+    meta: dict[str, np.ndarray],
+    device: torch.device,
+    progress: bool,
+    sqnorm_sets: dict[str, tuple[ItemSet, bool]] | None = None,
 ) -> Throughput:
     gp = P.gradients
-    grads = PerSampleGradients(model, scheduler.alphas_cumprod, P.model.loss, "loss",
-                               gp.chunk_size, device)
+    grads = PerSampleGradients(
+        model, scheduler.alphas_cumprod, P.model.loss, "loss", gp.chunk_size, device
+    )
     projector = make_stage_projector(P, grads.dim, device)
     all_sets = {**sets, **(sqnorm_sets or {})}
     specs: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -218,25 +283,40 @@ def _extract_store(
         specs.update(array_specs(name, items, projector.dim_out if features else None))
     for name, values in meta.items():
         specs[name] = ((len(values),), "int64")
-    settings = _store_settings(P, label, payload, projector, {
-        "sets": {name: {"n": items.n, "m": items.m, "draws": items.draws}
-                 for name, (items, _) in all_sets.items()},
-        "n_params": grads.dim,
-        "loss": P.model.loss,
-    })
+    settings = _store_settings(
+        P,
+        label,
+        payload,
+        projector,
+        {
+            "sets": {
+                name: {"n": items.n, "m": items.m, "draws": items.draws}
+                for name, (items, _) in all_sets.items()
+            },
+            "n_params": grads.dim,
+            "loss": P.model.loss,
+        },
+    )
     store = ArrayStore.open(path, settings, specs)
     for name, values in meta.items():
         if len(store.pending(name)):
             store.write(name, 0, np.asarray(values, np.int64))
     stats = Throughput()
     for name, (items, features) in sets.items():
-        stats.add(extract(store, name, items, grads, projector if features else None,
-                          gp.batch_size, progress))
+        stats.add(
+            extract(
+                store, name, items, grads, projector if features else None, gp.batch_size, progress
+            )
+        )
     if sqnorm_sets:
-        sq = PerSampleGradients(model, scheduler.alphas_cumprod, P.model.loss, "sqnorm",
-                                gp.chunk_size, device)
+        sq = PerSampleGradients(
+            model, scheduler.alphas_cumprod, P.model.loss, "sqnorm", gp.chunk_size, device
+        )
         for name, (items, features) in sqnorm_sets.items():
-            stats.add(extract(store, name, items, sq, projector if features else None,
-                              gp.batch_size, progress))
+            stats.add(
+                extract(
+                    store, name, items, sq, projector if features else None, gp.batch_size, progress
+                )
+            )
     store.mark_complete()
     return stats

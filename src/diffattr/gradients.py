@@ -34,7 +34,9 @@ def vmap_ready(model: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-def measurement_fn(measurement: str, loss_kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def measurement_fn(
+    measurement: str, loss_kind: str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """f(ε̂ [S, C, H, W], ε [S, C, H, W]) → [S] for a named measurement."""
     if measurement == "loss":
         return lambda eps_pred, eps: per_sample_loss(eps_pred, eps, loss_kind)
@@ -117,7 +119,8 @@ class PerSampleGradients:
         named = dict(zip(self.names, params, strict=True))
         rows = []
         for i in range(x0.shape[0]):
-            value = self._item_value(named, x0[i].to(self.device), t[i].to(self.device),
-                                     eps[i].to(self.device))
+            value = self._item_value(
+                named, x0[i].to(self.device), t[i].to(self.device), eps[i].to(self.device)
+            )
             rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
         return torch.stack(rows)

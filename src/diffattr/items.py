@@ -97,7 +97,9 @@ def replay_items(dataset: ImageDataset, log: ReplayLog, events: np.ndarray) -> I
     return ItemSet(x0=x0, t=t, draws=1, noise=noise)
 
 
-def replay_window(log: ReplayLog, checkpoint: int, previous: int, window: str, n_train: int) -> np.ndarray:
+def replay_window(
+    log: ReplayLog, checkpoint: int, previous: int, window: str, n_train: int
+) -> np.ndarray:
     """Replay-log rows that checkpoint `checkpoint` stands for.
 
     window "epoch": the last epoch of steps before it (ceil(n_train / batch) steps);

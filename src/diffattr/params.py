@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from diffattr.data import DATASET_NAMES
+from diffattr.data import DATASET_NAMES, ImageDataset, load_dataset
 from diffattr.diffusion import LOSS_KINDS, SCHEDULES, UNET_CONFIGS
 
 
@@ -27,6 +27,19 @@ class DataParams:
     root: str = "data/raw"  # where user-provided datasets live (CIFAR-10, MNIST, CelebA)
     image_size: int | None = None  # None = the dataset's native working size
     split_seed: int = 0  # train / held-out split and subset draws
+    max_train: int | None = None  # keep only the first N training images (smoke runs)
+
+    def load(self, split: str = "train") -> ImageDataset:
+        """The configured dataset split (max_train applies to the training split only)."""
+        limit = self.max_train if split == "train" else None
+        return load_dataset(
+            self.dataset,
+            split,
+            self.root,
+            image_size=self.image_size,
+            seed=self.split_seed,
+            limit=limit,
+        )
 
 
 @dataclass

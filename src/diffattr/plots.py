@@ -34,7 +34,9 @@ def image_grid(
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.3), squeeze=False
+    )
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -48,7 +50,9 @@ def image_grid(
     return fig
 
 
-def loss_curve(loss_history: np.ndarray, window: int = 50, checkpoints: Sequence[int] = ()) -> plt.Figure:
+def loss_curve(
+    loss_history: np.ndarray, window: int = 50, checkpoints: Sequence[int] = ()
+) -> plt.Figure:
     """Per-step training loss with a rolling mean; checkpoint steps marked."""
     steps = np.arange(1, len(loss_history) + 1)
     frame = pd.DataFrame({"step": steps, "loss": loss_history})
@@ -99,15 +103,24 @@ def norm_over_t(
     title: str | None = None,
 ) -> plt.Figure:
     """One sample's ‖g‖ over timesteps: norms [len(grid), draws]; replayed (t, ‖g‖) marked."""
-    frame = pd.DataFrame({
-        "t": np.repeat(grid, norms.shape[1]),
-        "norm": norms.reshape(-1),
-    })
+    frame = pd.DataFrame(
+        {
+            "t": np.repeat(grid, norms.shape[1]),
+            "norm": norms.reshape(-1),
+        }
+    )
     fig, ax = plt.subplots(figsize=(6, 3.2))
     sns.lineplot(frame, x="t", y="norm", ax=ax, errorbar=("pi", 100), label="grid (band: draws)")
     for i, (t, value) in enumerate(replayed):
-        ax.scatter([t], [value], color="C3", zorder=5, marker="*", s=90,
-                   label="replayed training draw" if i == 0 else None)
+        ax.scatter(
+            [t],
+            [value],
+            color="C3",
+            zorder=5,
+            marker="*",
+            s=90,
+            label="replayed training draw" if i == 0 else None,
+        )
     ax.set(yscale="log", xlabel="timestep t", ylabel=r"$\|\nabla_\theta \ell\|_2$", title=title)
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -122,15 +135,27 @@ def norm_profiles(grid: np.ndarray, profiles: dict[int, np.ndarray]) -> plt.Figu
     frames = []
     for step, norms in sorted(profiles.items()):
         n, m, d = norms.shape
-        frames.append(pd.DataFrame({
-            "t": np.tile(np.repeat(grid, d), n),
-            "norm": norms.reshape(-1),
-            "checkpoint": f"step {step}",
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "t": np.tile(np.repeat(grid, d), n),
+                    "norm": norms.reshape(-1),
+                    "checkpoint": f"step {step}",
+                }
+            )
+        )
     frame = pd.concat(frames, ignore_index=True)
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    sns.lineplot(frame, x="t", y="norm", hue="checkpoint", estimator="mean",
-                 errorbar=("pi", 80), ax=ax, palette="viridis")
+    sns.lineplot(
+        frame,
+        x="t",
+        y="norm",
+        hue="checkpoint",
+        estimator="mean",
+        errorbar=("pi", 80),
+        ax=ax,
+        palette="viridis",
+    )
     ax.set(yscale="log", xlabel="timestep t", ylabel=r"$\|\nabla_\theta \ell\|_2$ (mean, 10–90%)")
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()

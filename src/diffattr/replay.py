@@ -79,9 +79,7 @@ class ReplayLog:
         if not path.exists():
             raise FileNotFoundError(f"no replay log at {path}; run the training stage first")
         with np.load(path) as f:
-            return cls(
-                f["step"], f["sample_id"], f["t"], f["loss"], json.loads(str(f["settings"]))
-            )
+            return cls(f["step"], f["sample_id"], f["t"], f["loss"], json.loads(str(f["settings"])))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"step": self.step, "sample_id": self.sample_id, "t": self.t, "loss": self.loss}

@@ -53,8 +53,9 @@ def generate(
     return torch.cat(out) if out else torch.empty((0, *image_shape))
 
 
-
-def save_queries(path: str | Path, images: torch.Tensor, seeds: Sequence[int], settings: dict) -> None:
+def save_queries(
+    path: str | Path, images: torch.Tensor, seeds: Sequence[int], settings: dict
+) -> None:
     """Write generated queries: images [N, C, H, W] in [-1, 1], their seeds [N], and the settings
     that made them (checkpoint, sampler) as JSON, in one .npz."""
     if len(images) != len(seeds):

@@ -97,9 +97,10 @@ def run_settings(
         "image_shape": list(dataset.image_shape),
         "unet_config": config,
         "model": vars(model_cfg).copy(),
-        "train": {**vars(train_cfg), "checkpoints": list(
-            resolve_checkpoint_steps(train_cfg.checkpoints, train_cfg.steps)
-        )},
+        "train": {
+            **vars(train_cfg),
+            "checkpoints": list(resolve_checkpoint_steps(train_cfg.checkpoints, train_cfg.steps)),
+        },
     }
 
 
@@ -147,7 +148,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "log": self.log.truncated(self.step).to_arrays(),
             "loss_history": self.loss_history[: self.step].copy(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "rng": {"torch": torch.get_rng_state()},  # all draws are keyed; kept for completeness
             "weights_hash": weights_hash(self.model.state_dict()),
         }
 
@@ -164,7 +165,6 @@ class _Run:
             self.log.record(s, arrays["sample_id"][rows], arrays["t"][rows], arrays["loss"][rows])
         self.loss_history[: self.step] = payload["loss_history"]
         torch.set_rng_state(payload["rng"]["torch"])
-        np.random.set_state(payload["rng"]["numpy"])
 
 
 def _latest_checkpoint(work_dir: Path, settings: dict) -> dict | None:
@@ -260,7 +260,7 @@ def train(
             save_checkpoint(work / RESUME_FILE, run.payload())
         bar.update(1)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{run.loss_history[max(0, step - 49): step + 1].mean():.4f}")
+            bar.set_postfix(loss=f"{run.loss_history[max(0, step - 49) : step + 1].mean():.4f}")
     bar.close()
     wall = time.perf_counter() - started
     _finish(out_dir, work, run, wall)

@@ -1,0 +1,142 @@
+"""Extraction into stores: exact norms, resume after an interruption, refusal of other settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffattr import params as params_lib
+from diffattr.diffusion import build_scheduler, build_unet, unet_config
+from diffattr.extraction import array_specs, extract
+from diffattr.gradient_stage import run_gradient_stage
+from diffattr.gradients import PerSampleGradients
+from diffattr.items import KIND_GENERATED, KIND_TRAIN, grid_items, replay_window, timestep_grid
+from diffattr.projection import make_projector
+from diffattr.replay import ReplayLog
+from diffattr.sampling import save_queries
+from diffattr.store import ArrayStore, StoreMismatchError
+from diffattr.train import train
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = build_unet(unet_config("tiny", (1, 8, 8)), seed=1)
+    grads = PerSampleGradients(model, build_scheduler().alphas_cumprod)
+    x0 = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    items = grid_items(x0, np.arange(6) + 100, KIND_TRAIN, timestep_grid(2), draws=2, seed=0)
+    projector = make_projector("sparse", grads.dim, 64, seed=3)
+    return grads, items, projector
+
+
+def _open(path, items, projector):
+    return ArrayStore.open(path, {"test": 1}, array_specs("s", items, projector.dim_out))
+
+
+def test_stored_norms_are_exact_norms_of_the_full_gradients(setup, tmp_path):
+    grads, items, projector = setup
+    store = _open(tmp_path / "a", items, projector)
+    extract(store, "s", items, grads, projector, batch_size=4, progress=False)
+    rows = np.arange(items.n)
+    full = grads.loop(
+        items.x0.repeat_interleave(2, 0),
+        items.t.reshape(-1),
+        items.noise(rows).reshape(12, 2, 1, 8, 8),
+    )
+    expected = torch.linalg.vector_norm(full, dim=1).reshape(6, 2).numpy()
+    np.testing.assert_allclose(store.array("s_norm"), expected, rtol=1e-4)
+    np.testing.assert_allclose(
+        store.array("s_features"), projector(full).reshape(6, 2, -1).numpy(), rtol=1e-3, atol=1e-5
+    )
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAfter:
+    """A projector that dies after `n` calls, like a killed run."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.dim_out = inner, n, inner.dim_out
+
+    def __call__(self, g):
+        if self.n == 0:
+            raise _Crash
+        self.n -= 1
+        return self.inner(g)
+
+
+def test_interrupted_extraction_resumes_to_the_uninterrupted_result(setup, tmp_path):
+    grads, items, projector = setup
+    fresh = _open(tmp_path / "fresh", items, projector)
+    extract(fresh, "s", items, grads, projector, batch_size=4, progress=False)
+
+    store = _open(tmp_path / "resumed", items, projector)
+    with pytest.raises(_Crash):
+        extract(store, "s", items, grads, _CrashAfter(projector, 1), batch_size=4, progress=False)
+    reopened = _open(tmp_path / "resumed", items, projector)
+    assert 0 < len(reopened.pending("s_features")) < items.n
+    stats = extract(reopened, "s", items, grads, projector, batch_size=4, progress=False)
+    assert stats.gradients < items.n * items.m  # finished rows were not recomputed
+    for name in ("s_norm", "s_features"):
+        np.testing.assert_array_equal(reopened.array(name), fresh.array(name))
+
+
+def test_timestep_grid_is_even_and_inside_the_schedule():
+    grid = timestep_grid(10, 1000)
+    assert grid.tolist() == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
+    assert timestep_grid(1, 1000).tolist() == [500]
+    with pytest.raises(ValueError):
+        timestep_grid(0)
+
+
+def test_grid_noise_is_keyed_by_image_kind_timestep_and_draw():
+    x0 = torch.zeros(2, 1, 8, 8)
+    a = grid_items(x0, np.array([5, 6]), KIND_TRAIN, np.array([10, 20]), 2, seed=0)
+    b = grid_items(x0[:1], np.array([6]), KIND_TRAIN, np.array([10, 20]), 2, seed=0)
+    c = grid_items(x0[:1], np.array([6]), KIND_GENERATED, np.array([10, 20]), 2, seed=0)
+    na = a.noise(np.array([0, 1]))
+    assert na.shape == (2, 2, 2, 1, 8, 8)
+    assert torch.equal(na[1], b.noise(np.array([0]))[0])
+    assert not torch.equal(na[1], c.noise(np.array([0]))[0])
+    assert not torch.equal(na[0, 0, 0], na[0, 0, 1]) and not torch.equal(na[0, 0], na[0, 1])
+
+
+def test_replay_window_takes_the_last_epoch_or_the_interval():
+    steps = np.repeat(np.arange(10), 4).astype(np.int32)
+    log = ReplayLog(
+        steps, np.arange(40), np.zeros(40, np.int16), np.zeros(40, np.float32), {"batch_size": 4}
+    )
+    epoch = replay_window(log, checkpoint=10, previous=5, window="epoch", n_train=8)
+    assert sorted(set(log.step[epoch])) == [8, 9]  # 8 samples / batch 4 = 2 steps
+    interval = replay_window(log, checkpoint=10, previous=5, window="interval", n_train=8)
+    assert sorted(set(log.step[interval])) == [5, 6, 7, 8, 9]
+
+
+def test_gradient_stage_refuses_a_store_made_with_other_settings(tmp_path):
+    smoke = {
+        "data": {"max_train": 12},
+        "train": {"steps": 3, "batch_size": 4, "checkpoints": [3], "warmup_steps": 1},
+        "gradients": {
+            "query_timesteps": 1,
+            "query_draws": 1,
+            "heldout_queries": 1,
+            "train_timesteps": 1,
+            "profile_timesteps": 1,
+            "profile_samples": 1,
+            "profile_draws": 1,
+            "projection_dim": 16,
+            "ema": False,
+        },
+    }
+    P = params_lib.resolve(smoke)
+    train(P.data.load(), P.model, P.train, tmp_path / "train", progress=False)
+    save_queries(tmp_path / "train" / "queries.npz", torch.zeros(1, 1, 8, 8), [7], {})
+    run_gradient_stage(P, tmp_path / "train", tmp_path / "grads", torch.device("cpu"), False)
+    smoke["gradients"]["projection_seed"] = 1
+    other = params_lib.resolve(smoke)
+    with pytest.raises(StoreMismatchError, match="seed"):
+        run_gradient_stage(
+            other, tmp_path / "train", tmp_path / "grads", torch.device("cpu"), False
+        )
