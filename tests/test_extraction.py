@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffattr import gradient_stage as stage_mod
 from diffattr import params as params_lib
 from diffattr.diffusion import build_scheduler, build_unet, unet_config
 from diffattr.extraction import array_specs, extract
@@ -15,7 +16,7 @@ from diffattr.items import KIND_GENERATED, KIND_TRAIN, grid_items, replay_window
 from diffattr.projection import make_projector
 from diffattr.replay import ReplayLog
 from diffattr.sampling import save_queries
-from diffattr.store import ArrayStore, StoreMismatchError
+from diffattr.store import ArrayStore, StoreMismatchError, load_store
 from diffattr.train import train
 
 
@@ -114,29 +115,66 @@ def test_replay_window_takes_the_last_epoch_or_the_interval():
     assert sorted(set(log.step[interval])) == [5, 6, 7, 8, 9]
 
 
-def test_gradient_stage_refuses_a_store_made_with_other_settings(tmp_path):
-    smoke = {
-        "data": {"max_train": 12},
-        "train": {"steps": 3, "batch_size": 4, "checkpoints": [3], "warmup_steps": 1},
-        "gradients": {
-            "query_timesteps": 1,
-            "query_draws": 1,
-            "heldout_queries": 1,
-            "train_timesteps": 1,
-            "profile_timesteps": 1,
-            "profile_samples": 1,
-            "profile_draws": 1,
-            "projection_dim": 16,
-            "ema": False,
-        },
-    }
-    P = params_lib.resolve(smoke)
-    train(P.data.load(), P.model, P.train, tmp_path / "train", progress=False)
-    save_queries(tmp_path / "train" / "queries.npz", torch.zeros(1, 1, 8, 8), [7], {})
-    run_gradient_stage(P, tmp_path / "train", tmp_path / "grads", torch.device("cpu"), False)
-    smoke["gradients"]["projection_seed"] = 1
-    other = params_lib.resolve(smoke)
+SMOKE = {
+    "data": {"max_train": 12},
+    "train": {"steps": 3, "batch_size": 4, "checkpoints": [3], "warmup_steps": 1},
+    "gradients": {
+        "query_timesteps": 1,
+        "query_draws": 1,
+        "heldout_queries": 1,
+        "train_timesteps": 1,
+        "profile_timesteps": 1,
+        "profile_samples": 1,
+        "profile_draws": 1,
+        "projection_dim": 16,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    P = params_lib.resolve(SMOKE)
+    train(P.data.load(), P.model, P.train, root / "train", progress=False)
+    save_queries(root / "train" / "queries.npz", torch.zeros(1, 1, 8, 8), [7], {})
+    return root / "train"
+
+
+def test_gradient_stage_refuses_a_store_made_with_other_settings(trained_smoke, tmp_path):
+    P = params_lib.resolve(SMOKE)
+    run_gradient_stage(P, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+    other = params_lib.resolve(SMOKE, {"gradients": {"projection_seed": 1}})
     with pytest.raises(StoreMismatchError, match="seed"):
-        run_gradient_stage(
-            other, tmp_path / "train", tmp_path / "grads", torch.device("cpu"), False
-        )
+        run_gradient_stage(other, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+
+
+def test_interrupted_stage_resumes_from_its_work_folder(trained_smoke, tmp_path, monkeypatch):
+    P = params_lib.resolve(SMOKE)
+    fresh = run_gradient_stage(P, trained_smoke, tmp_path / "fresh", torch.device("cpu"), False)
+
+    real, calls = stage_mod.extract, {"n": 0}
+
+    def dies_on_the_third_set(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage_mod, "extract", dies_on_the_third_set)
+    out = tmp_path / "grads"
+    with pytest.raises(KeyboardInterrupt):
+        run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
+    assert not (out / "index.json").exists()
+    unfinished = list(stage_mod.work_root(out).iterdir())
+    assert len(unfinished) == 1 and unfinished[0].name.startswith("raw_step_0000003-")
+
+    monkeypatch.setattr(stage_mod, "extract", real)
+    resumed = run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
+    assert resumed["throughput"]["gradients"] < fresh["throughput"]["gradients"]
+    assert not stage_mod.work_root(out).exists()
+    for store in fresh["stores"]:
+        _, a = load_store(tmp_path / "fresh" / store["path"])
+        _, b = load_store(out / store["path"])
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])

@@ -14,7 +14,9 @@ Layout under out_dir:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffattr.checkpoints import checkpoint_name, weights_hash
+from diffattr.checkpoints import checkpoint_name, settings_hash, weights_hash
 from diffattr.data import ImageDataset
 from diffattr.diffusion import build_scheduler
 from diffattr.extraction import Throughput, array_specs, extract
@@ -175,9 +177,11 @@ def run_gradient_stage(
         if gp.train_grid_at == "all" or step == kept[-1]:
             sets["train_grid"] = (train_items, True)
         meta = {"replay_events": events}
+        name = store_name("raw", step)
         stats = _extract_store(
             P,
-            out_dir / f"raw_{checkpoint_name(step)[:-3]}",
+            out_dir,
+            name,
             "raw",
             model,
             payload,
@@ -193,7 +197,7 @@ def run_gradient_stage(
                 "weights": "raw",
                 "step": step,
                 "lr": float(payload["lr"]),
-                "path": f"raw_{checkpoint_name(step)[:-3]}",
+                "path": name,
                 "sets": sorted(sets),
                 "n_replay_events": int(len(events)),
             }
@@ -202,10 +206,11 @@ def run_gradient_stage(
         model, payload = load_trained(train_dir, ema=True)
         sets = {"train_grid": (train_items, True), "query": (query_items, True)}
         sqnorm = {"train_grid_sqnorm": (train_items, True), "query_sqnorm": (query_items, True)}
-        name = f"ema_{checkpoint_name(int(payload['step']))[:-3]}"
+        name = store_name("ema", int(payload["step"]))
         stats = _extract_store(
             P,
-            out_dir / name,
+            out_dir,
+            name,
             "ema",
             model,
             payload,
@@ -239,7 +244,33 @@ def run_gradient_stage(
         "device": str(device),
     }
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))
+    with contextlib.suppress(OSError):  # absent, or holds unfinished stores of other settings
+        work_root(out_dir).rmdir()
     return index
+
+
+def store_name(weights: str, step: int) -> str:
+    """Folder name of a store: `raw_step_0000800`, `ema_step_0000800`."""
+    return f"{weights}_{checkpoint_name(step).removesuffix('.pt')}"
+
+
+def work_root(out_dir: Path) -> Path:
+    """Where unfinished stores live, beside out_dir, so that DVC clearing out_dir before a
+    rerun does not lose them."""
+    return out_dir.parent / f".{out_dir.name}-work"
+
+
+def _open_store(
+    out_dir: Path, name: str, settings: dict, specs: dict
+) -> tuple[ArrayStore, Path | None]:
+    """A finished store in out_dir is reopened (and refused if made with other settings);
+    otherwise the store is opened, or resumed, in the work folder keyed by its settings.
+    Returns the store and where to move it once complete (None: already in place)."""
+    final = out_dir / name
+    if (final / "meta.json").exists():
+        return ArrayStore.open(final, settings, specs), None
+    work = work_root(out_dir) / f"{name}-{settings_hash(settings)}"
+    return ArrayStore.open(work, settings, specs), final
 
 
 def _profile_items(
@@ -261,7 +292,8 @@ def _profile_items(
 
 def _extract_store(
     P: Params,
-    path: Path,
+    out_dir: Path,
+    name: str,
     label: str,
     model: torch.nn.Module,
     payload: dict,
@@ -272,51 +304,40 @@ def _extract_store(
     progress: bool,
     sqnorm_sets: dict[str, tuple[ItemSet, bool]] | None = None,
 ) -> Throughput:
+    """Extract the loss-gradient `sets` (and D-TRAK `sqnorm_sets`) of one model into store
+    `name` of out_dir. Each set maps to (items, keep projected features?)."""
     gp = P.gradients
-    grads = PerSampleGradients(
-        model, scheduler.alphas_cumprod, P.model.loss, "loss", gp.chunk_size, device
-    )
-    projector = make_stage_projector(P, grads.dim, device)
+    measures = {"loss": sets, "sqnorm": sqnorm_sets or {}}
+    grads = {
+        m: PerSampleGradients(
+            model, scheduler.alphas_cumprod, P.model.loss, m, gp.chunk_size, device
+        )
+        for m, chosen in measures.items()
+        if chosen
+    }
+    projector = make_stage_projector(P, grads["loss"].dim, device)
     all_sets = {**sets, **(sqnorm_sets or {})}
     specs: dict[str, tuple[tuple[int, ...], str]] = {}
-    for name, (items, features) in all_sets.items():
-        specs.update(array_specs(name, items, projector.dim_out if features else None))
-    for name, values in meta.items():
-        specs[name] = ((len(values),), "int64")
-    settings = _store_settings(
-        P,
-        label,
-        payload,
-        projector,
-        {
-            "sets": {
-                name: {"n": items.n, "m": items.m, "draws": items.draws}
-                for name, (items, _) in all_sets.items()
-            },
-            "n_params": grads.dim,
-            "loss": P.model.loss,
-        },
-    )
-    store = ArrayStore.open(path, settings, specs)
-    for name, values in meta.items():
-        if len(store.pending(name)):
-            store.write(name, 0, np.asarray(values, np.int64))
+    for set_name, (items, features) in all_sets.items():
+        specs.update(array_specs(set_name, items, projector.dim_out if features else None))
+    for array_name, values in meta.items():
+        specs[array_name] = ((len(values),), "int64")
+    described = {s: {"n": it.n, "m": it.m, "draws": it.draws} for s, (it, _) in all_sets.items()}
+    extra = {"sets": described, "n_params": grads["loss"].dim, "loss": P.model.loss}
+    settings = _store_settings(P, label, payload, projector, extra)
+    store, destination = _open_store(out_dir, name, settings, specs)
+    for array_name, values in meta.items():
+        if len(store.pending(array_name)):
+            store.write(array_name, 0, np.asarray(values, np.int64))
     stats = Throughput()
-    for name, (items, features) in sets.items():
-        stats.add(
-            extract(
-                store, name, items, grads, projector if features else None, gp.batch_size, progress
-            )
-        )
-    if sqnorm_sets:
-        sq = PerSampleGradients(
-            model, scheduler.alphas_cumprod, P.model.loss, "sqnorm", gp.chunk_size, device
-        )
-        for name, (items, features) in sqnorm_sets.items():
+    for measurement, chosen in measures.items():
+        for set_name, (items, features) in chosen.items():
+            keep = projector if features else None
             stats.add(
-                extract(
-                    store, name, items, sq, projector if features else None, gp.batch_size, progress
-                )
+                extract(store, set_name, items, grads[measurement], keep, gp.batch_size, progress)
             )
     store.mark_complete()
+    if destination is not None:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(store.path, destination)
     return stats

@@ -6,6 +6,7 @@ resumed from its last checkpoint ends with exactly the weights of an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -264,6 +265,9 @@ def train(
     bar.close()
     wall = time.perf_counter() - started
     _finish(out_dir, work, run, wall)
+    if work_dir is None:
+        with contextlib.suppress(OSError):  # kept while other runs' work is there
+            work.parent.rmdir()
     return TrainResult(
         out_dir=out_dir,
         model=run.model,
