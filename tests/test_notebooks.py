@@ -9,6 +9,8 @@ import numpy as np
 import papermill as pm
 import pytest
 
+from diffattr.store import load_store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = {
@@ -32,24 +34,28 @@ SMOKE = {
 }
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """Stage 1 at smoke scale; returns the folder holding data/ and reports/."""
-    work = tmp_path_factory.mktemp("pipeline")
+def run_stage(notebook: str, work: Path, **paths: str) -> None:
+    """Execute notebooks/<notebook>.ipynb at smoke scale with papermill, outputs under work."""
     pm.execute_notebook(
-        ROOT / "notebooks" / "01_train.ipynb",
-        work / "01_train.ipynb",
+        ROOT / "notebooks" / f"{notebook}.ipynb",
+        work / f"{notebook}.ipynb",
         parameters={
             "params_file": str(ROOT / "params.yaml"),
             "overrides": SMOKE,
-            "out_dir": str(work / "data" / "train"),
-            "report_dir": str(work / "reports" / "01_train"),
             "progress": False,
+            **{key: str(work / value) for key, value in paths.items()},
         },
         kernel_name="python3",
         cwd=str(ROOT),
         progress_bar=False,
     )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Stage 1 at smoke scale; returns the folder holding data/ and reports/."""
+    work = tmp_path_factory.mktemp("pipeline")
+    run_stage("01_train", work, out_dir="data/train", report_dir="reports/01_train")
     return work
 
 
@@ -72,28 +78,18 @@ def test_train_notebook_writes_checkpoints_queries_figures_and_metrics(trained):
 @pytest.fixture(scope="module")
 def gradients(trained) -> Path:
     """Stage 2 at smoke scale on top of the smoke stage 1."""
-    pm.execute_notebook(
-        ROOT / "notebooks" / "02_gradients.ipynb",
-        trained / "02_gradients.ipynb",
-        parameters={
-            "params_file": str(ROOT / "params.yaml"),
-            "overrides": SMOKE,
-            "train_dir": str(trained / "data" / "train"),
-            "out_dir": str(trained / "data" / "gradients"),
-            "report_dir": str(trained / "reports" / "02_gradients"),
-            "progress": False,
-        },
-        kernel_name="python3",
-        cwd=str(ROOT),
-        progress_bar=False,
+    run_stage(
+        "02_gradients",
+        trained,
+        train_dir="data/train",
+        out_dir="data/gradients",
+        report_dir="reports/02_gradients",
     )
     return trained
 
 
 @pytest.mark.notebook
 def test_gradients_notebook_writes_complete_stores_with_exact_norms(gradients):
-    from diffattr.store import load_store
-
     out = gradients / "data" / "gradients"
     index = json.loads((out / "index.json").read_text())
     assert [s["weights"] for s in index["stores"]] == ["raw", "raw", "ema"]
