@@ -638,7 +638,7 @@ def _progress(items: list[str], label: str) -> Iterable[str]:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency, but optional here
         return items
-    return tqdm(items, desc=f"loading {label}", unit="img")
+    return tqdm(items, desc=f"loading {label}", unit="img", mininterval=2.0)
 
 
 _LOADERS: dict[str, Callable[[str, Path, int, int], ImageDataset]] = {

@@ -91,7 +91,7 @@ def extract(
         disable=not progress,
         desc=name,
         unit="img",
-        mininterval=1.0,
+        mininterval=2.0,
     )
     shape = tuple(items.x0.shape[1:])
     for start in range(0, items.n, rows_per_batch):

@@ -38,7 +38,12 @@ def generate(
     model.eval()
     out = []
     batches = range(0, len(seeds), batch_size)
-    bar = tqdm(total=len(seeds) * num_inference_steps, disable=not progress, desc="sampling")
+    bar = tqdm(
+        total=len(seeds) * num_inference_steps,
+        disable=not progress,
+        desc="sampling",
+        mininterval=2.0,
+    )
     for start in batches:
         chunk = [int(s) for s in seeds[start : start + batch_size]]
         gens = [torch.Generator().manual_seed(s) for s in chunk]

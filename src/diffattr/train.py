@@ -225,7 +225,13 @@ def train(
     keep_steps = set(settings["train"]["checkpoints"])
     started = time.perf_counter()
 
-    bar = tqdm(total=train_cfg.steps, initial=run.step, disable=not progress, desc="training")
+    bar = tqdm(
+        total=train_cfg.steps,
+        initial=run.step,
+        disable=not progress,
+        desc="training",
+        mininterval=2.0,
+    )
     run.model.train()
     while run.step < train_cfg.steps:
         step = run.step
@@ -261,7 +267,8 @@ def train(
             save_checkpoint(work / RESUME_FILE, run.payload())
         bar.update(1)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{run.loss_history[max(0, step - 49) : step + 1].mean():.4f}")
+            recent = run.loss_history[max(0, step - 49) : step + 1].mean()
+            bar.set_postfix(loss=f"{recent:.4f}", refresh=False)
     bar.close()
     wall = time.perf_counter() - started
     _finish(out_dir, work, run, wall)
