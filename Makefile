@@ -23,7 +23,7 @@ spec.write_text(json.dumps(k, indent=1))
 endef
 export SILENCE_KERNEL
 
-.PHONY: env repro test lint notebooks-clean clean-data
+.PHONY: env repro test lint notebooks-clean
 
 env: $(STAMP)
 

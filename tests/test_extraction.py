@@ -104,15 +104,36 @@ def test_grid_noise_is_keyed_by_image_kind_timestep_and_draw():
     assert not torch.equal(na[0, 0, 0], na[0, 0, 1]) and not torch.equal(na[0, 0], na[0, 1])
 
 
-def test_replay_window_takes_the_last_epoch_or_the_interval():
+def test_epoch_window_holds_each_samples_most_recent_draw_once():
+    from diffattr.train import batch_rows
+
+    n, b, steps = 10, 4, 12  # batches straddle epochs: 40 % 10 == 0 only every 5 steps
+    rows = np.concatenate([batch_rows(s, b, n, seed=0) for s in range(steps)])
+    log = ReplayLog(
+        np.repeat(np.arange(steps), b).astype(np.int32),
+        rows + 100,
+        np.zeros(steps * b, np.int16),
+        np.zeros(steps * b, np.float32),
+        {"batch_size": b},
+    )
+    for checkpoint in (3, 7, 12):
+        events = replay_window(log, checkpoint, previous=0, window="epoch")
+        ids = log.sample_id[events]
+        assert sorted(ids) == list(range(100, 110))  # every sample exactly once
+        for e in events:  # and it is that sample's latest draw before the checkpoint
+            later = (log.sample_id == log.sample_id[e]) & (log.step > log.step[e])
+            assert not (later & (log.step < checkpoint)).any()
+
+
+def test_interval_window_spans_the_steps_since_the_previous_checkpoint():
     steps = np.repeat(np.arange(10), 4).astype(np.int32)
     log = ReplayLog(
         steps, np.arange(40), np.zeros(40, np.int16), np.zeros(40, np.float32), {"batch_size": 4}
     )
-    epoch = replay_window(log, checkpoint=10, previous=5, window="epoch", n_train=8)
-    assert sorted(set(log.step[epoch])) == [8, 9]  # 8 samples / batch 4 = 2 steps
-    interval = replay_window(log, checkpoint=10, previous=5, window="interval", n_train=8)
+    interval = replay_window(log, checkpoint=10, previous=5, window="interval")
     assert sorted(set(log.step[interval])) == [5, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match="epoch or interval"):
+        replay_window(log, 10, 5, "window")
 
 
 SMOKE = {
@@ -178,3 +199,14 @@ def test_interrupted_stage_resumes_from_its_work_folder(trained_smoke, tmp_path,
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_gradient_stage_refuses_parameters_that_disagree_with_the_training_run(
+    trained_smoke, tmp_path
+):
+    other = params_lib.resolve(SMOKE, {"model": {"loss": "l1"}})
+    with pytest.raises(ValueError, match="loss"):
+        run_gradient_stage(other, trained_smoke, tmp_path / "g", torch.device("cpu"), False)
+    fewer = params_lib.resolve(SMOKE, {"data": {"max_train": 10}})
+    with pytest.raises(ValueError, match="train_ids_hash"):
+        run_gradient_stage(fewer, trained_smoke, tmp_path / "g", torch.device("cpu"), False)

@@ -32,11 +32,22 @@ def test_profile_switches_the_whole_scale():
         ({"train": {"steps": "many"}}, "integer"),
         ({"train": {"lr": "fast"}}, "number"),
         ({"train": {"checkpoints": [0, 5]}}, "checkpoints"),
+        ({"train": {"checkpoints": 5.0}}, "integer"),
+        ({"train": {"resume_every": 0}}, "≥ 1"),
+        ({"train": {"steps": -3}}, "≥ 1"),
+        ({"gradients": {"query_draws": 0}}, "≥ 1"),
+        ({"train": {"ema_decay": 1.5}}, "< 1"),
+        ({"gradients": {"checkpoints": [7]}}, "kept training checkpoints"),
     ],
 )
 def test_typos_fail_with_the_valid_choices(raw, fragment):
     with pytest.raises(ValueError, match=fragment):
         resolve(raw)
+
+
+def test_yaml_exponent_strings_are_read_as_numbers():
+    assert resolve({"train": {"lr": "2e-4"}}).train.lr == 2e-4
+    assert resolve({"train": {"warmup_steps": 0}}).train.warmup_steps == 0
 
 
 def test_checkpoint_count_is_evenly_spaced_and_ends_at_the_last_step():

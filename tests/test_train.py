@@ -72,12 +72,12 @@ def test_logged_losses_are_recomputed_exactly_from_the_log_alone(
     assert np.allclose(result.loss_history, log.loss.reshape(train_params.steps, -1).mean(1))
 
 
-def test_checkpoint_records_lr_in_force_and_optimizer_state(
-    tiny_dataset, model_params, train_params, tmp_path
-):
-    train(tiny_dataset, model_params, train_params, tmp_path / "run", progress=False)
+def test_checkpoint_records_lr_in_force_and_optimizer_state(tiny_dataset, model_params, tmp_path):
+    cfg = TrainParams(steps=8, batch_size=8, lr=1e-3, warmup_steps=6, checkpoints=[4, 8])
+    train(tiny_dataset, model_params, cfg, tmp_path / "run", progress=False)
     payload = load_checkpoint(tmp_path / "run" / "checkpoints" / checkpoint_name(4))
-    assert payload["lr"] == pytest.approx(lr_at(3, train_params))
+    # θ_4 came out of the update at step 3, taken with lr_at(3) = 4/6 of the peak in warm-up.
+    assert payload["lr"] == pytest.approx(1e-3 * 4 / 6)
     assert payload["optimizer"]["state"]  # Adam moments are there
     assert set(payload["ema"]) == set(payload["model"])
     summary = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -15,4 +15,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} asked for, but torch sees no CUDA GPU; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {spec!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s): "
+            f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}"
+        )
     return device

@@ -15,6 +15,7 @@ Layout under out_dir:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffattr.checkpoints import checkpoint_name, settings_hash, weights_hash
+from diffattr.checkpoints import checkpoint_name, settings_diff, settings_hash, weights_hash
 from diffattr.data import ImageDataset
 from diffattr.diffusion import build_scheduler
 from diffattr.extraction import Throughput, array_specs, extract
@@ -56,6 +57,12 @@ class QuerySet:
     images: torch.Tensor  # [Q, C, H, W]
     kind: np.ndarray  # [Q] "generated" | "heldout"
     key: np.ndarray  # [Q] int64: the seed (generated) or dataset id (held out)
+
+    def content_hash(self) -> str:
+        """Hash of the query images and who they are: a store is tied to its queries."""
+        h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
+        h.update(json.dumps([self.kind.tolist(), self.key.tolist()]).encode())
+        return h.hexdigest()[:16]
 
     def items(self, timesteps: np.ndarray, draws: int, seed: int) -> ItemSet:
         generated = self.kind == "generated"
@@ -93,6 +100,26 @@ def _concat(parts: list[ItemSet]) -> ItemSet:
     )
 
 
+def check_matches_training(P: Params, dataset: ImageDataset, train_dir: Path) -> None:
+    """Refuse parameters that disagree with the run in train_dir (data, schedule, loss, T)."""
+    summary = train_dir / "run.json"
+    if not summary.exists():
+        raise FileNotFoundError(f"no finished training run in {train_dir}; run the train stage")
+    trained = json.loads(summary.read_text())["settings"]
+    requested = {
+        "dataset": dataset.name,
+        "train_ids_hash": settings_hash({"ids": dataset.ids.tolist()}),
+        "image_shape": list(dataset.image_shape),
+        "model": vars(P.model),
+    }
+    diff = settings_diff({k: trained[k] for k in requested}, requested)
+    if diff:
+        raise ValueError(
+            f"the parameters disagree with the training run in {train_dir}: {diff}. Retrain "
+            "(dvc repro) or use the parameters it was trained with."
+        )
+
+
 def load_query_set(train_dir: Path, heldout: ImageDataset, n_heldout: int) -> QuerySet:
     images, seeds, _ = load_queries(train_dir / "queries.npz")
     held = heldout.subset(heldout.ids[: min(n_heldout, len(heldout))])
@@ -125,7 +152,7 @@ def _store_settings(
         "gradients": {
             k: v
             for k, v in vars(P.gradients).items()
-            if k not in ("batch_size", "chunk_size", "checkpoints", "train_grid_at")
+            if k not in ("batch_size", "chunk_size", "train_grid_at")
         },
         **extra,
     }
@@ -142,6 +169,7 @@ def run_gradient_stage(
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     gp = P.gradients
     dataset, heldout = P.data.load("train"), P.data.load("heldout")
+    check_matches_training(P, dataset, train_dir)
     log = ReplayLog.load(train_dir / "replay_log.npz")
     queries = load_query_set(train_dir, heldout, gp.heldout_queries)
     T = P.model.num_train_timesteps
@@ -160,21 +188,21 @@ def run_gradient_stage(
         dataset, profile_rows, grids["profile"], gp.profile_draws, gp.seed
     )
 
-    kept = P.checkpoint_steps()
     steps = P.gradient_checkpoint_steps()
+    query_hash = queries.content_hash()
     total = Throughput()
     stores: list[dict] = []
     started = time.perf_counter()
     for step in steps:
         model, payload = load_trained(train_dir, step)
-        previous = max([s for s in kept if s < step], default=0)
-        events = replay_window(log, step, previous, gp.replay_window, len(dataset))
+        previous = max([s for s in steps if s < step], default=0)
+        events = replay_window(log, step, previous, gp.replay_window)
         sets = {
             "replay": (replay_items(dataset, log, events), True),
             "query": (query_items, True),
             "profile": (profile_items, False),
         }
-        if gp.train_grid_at == "all" or step == kept[-1]:
+        if gp.train_grid_at == "all" or step == steps[-1]:
             sets["train_grid"] = (train_items, True)
         meta = {"replay_events": events}
         name = store_name("raw", step)
@@ -190,6 +218,7 @@ def run_gradient_stage(
             meta,
             device,
             progress,
+            query_hash,
         )
         total.add(stats)
         stores.append(
@@ -219,6 +248,7 @@ def run_gradient_stage(
             {},
             device,
             progress,
+            query_hash,
             sqnorm_sets=sqnorm,
         )
         total.add(stats)
@@ -302,6 +332,7 @@ def _extract_store(
     meta: dict[str, np.ndarray],
     device: torch.device,
     progress: bool,
+    query_hash: str,
     sqnorm_sets: dict[str, tuple[ItemSet, bool]] | None = None,
 ) -> Throughput:
     """Extract the loss-gradient `sets` (and D-TRAK `sqnorm_sets`) of one model into store
@@ -323,7 +354,12 @@ def _extract_store(
     for array_name, values in meta.items():
         specs[array_name] = ((len(values),), "int64")
     described = {s: {"n": it.n, "m": it.m, "draws": it.draws} for s, (it, _) in all_sets.items()}
-    extra = {"sets": described, "n_params": grads["loss"].dim, "loss": P.model.loss}
+    extra = {
+        "sets": described,
+        "n_params": grads["loss"].dim,
+        "loss": P.model.loss,
+        "queries_hash": query_hash,
+    }
     settings = _store_settings(P, label, payload, projector, extra)
     store, destination = _open_store(out_dir, name, settings, specs)
     for array_name, values in meta.items():

@@ -97,19 +97,21 @@ def replay_items(dataset: ImageDataset, log: ReplayLog, events: np.ndarray) -> I
     return ItemSet(x0=x0, t=t, draws=1, noise=noise)
 
 
-def replay_window(
-    log: ReplayLog, checkpoint: int, previous: int, window: str, n_train: int
-) -> np.ndarray:
-    """Replay-log rows that checkpoint `checkpoint` stands for.
+def replay_window(log: ReplayLog, checkpoint: int, previous: int, window: str) -> np.ndarray:
+    """Replay-log rows that checkpoint `checkpoint` (weights after that many steps) stands for.
 
-    window "epoch": the last epoch of steps before it (ceil(n_train / batch) steps);
-    "interval": every step since the previous kept checkpoint. Returns row indices.
+    window "epoch": each training sample's most recent draw before the checkpoint — exactly
+    one event per sample that was drawn at all, i.e. the last epoch as the paper means it
+    (batches cut a stream of shuffles, so a fixed span of steps would miss some samples and
+    count others twice); "interval": every draw of the steps since the previous checkpoint
+    the stage extracts at (`previous`, 0 for the first). Returns sorted row indices.
     """
-    batch = int(log.settings["batch_size"])
-    if window == "epoch":
-        first = checkpoint - int(np.ceil(n_train / batch))
-    elif window == "interval":
-        first = previous
-    else:
+    if window == "interval":
+        return log.events(previous, checkpoint - 1)
+    if window != "epoch":
         raise ValueError(f"unknown replay window {window!r}; choose epoch or interval")
-    return log.events(max(first, 0), checkpoint - 1)
+    before = log.events(0, checkpoint - 1)
+    # The log is in step order: the last occurrence of an id is its most recent draw.
+    reversed_ids = log.sample_id[before][::-1]
+    _, first_in_reversed = np.unique(reversed_ids, return_index=True)
+    return np.sort(before[len(before) - 1 - first_in_reversed])

@@ -56,8 +56,8 @@ class TrainParams:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
-    lr_decay: str = "constant"  # constant (as DDPM) | cosine (to 0 at the last step; then the
-    #                             last checkpoint gets no weight in TracIn's Σ_k η_k)
+    lr_decay: str = "constant"  # constant (as DDPM) | cosine (to ~0 by the last step, so late
+    #                             checkpoints get little weight in TracIn's Σ_k η_k)
     weight_decay: float = 0.0
     ema_decay: float = 0.995
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -226,19 +226,48 @@ def _merge(base: dict, overrides: dict, where: str) -> dict:
     return merged
 
 
+# Integer parameters that may be 0 (all others must be ≥ 1); seeds may be any integer ≥ 0.
+_MAY_BE_ZERO = {"warmup_steps", "heldout_queries", "split_seed", "seed", "projection_seed"}
+_OPTIONAL = {"image_size", "max_train", "chunk_size"}  # None allowed
+
+
 def _check_types(section: str, values: dict) -> None:
+    """Check (and normalise in place) one section's values against its dataclass."""
     for f in dataclasses.fields(SECTIONS[section]):
-        value = values[f.name]
+        where, value = f"{section}.{f.name}", values[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{section}.{f.name} must be true/false, got {value!r}")
-        if isinstance(default, float) and not isinstance(value, int | float):
-            raise ValueError(f"{section}.{f.name} must be a number, got {value!r}")
-        if isinstance(default, int) and not isinstance(default, bool) and f.name != "checkpoints":
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} must be true/false, got {value!r}")
+        elif isinstance(default, float):
+            values[f.name] = value = _as_float(where, value)
+            if value < 0 or (f.name == "ema_decay" and value >= 1):
+                raise ValueError(
+                    f"{where} must be ≥ 0{' and < 1' if f.name == 'ema_decay' else ''}"
+                    f", got {value!r}"
+                )
+        elif isinstance(default, int) or f.name in _OPTIONAL:
+            if value is None and f.name in _OPTIONAL:
+                continue
+            if f.name == "checkpoints" and isinstance(value, list):
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{section}.{f.name} must be an integer, got {value!r}")
+                raise ValueError(f"{where} must be an integer, got {value!r}")
+            lowest = 0 if f.name in _MAY_BE_ZERO else 1
+            if value < lowest:
+                raise ValueError(f"{where} must be ≥ {lowest}, got {value}")
         if (section, f.name) in CHOICES and value not in CHOICES[(section, f.name)]:
-            raise _unknown(f"{section}.{f.name}", value, CHOICES[(section, f.name)])
+            raise _unknown(where, value, CHOICES[(section, f.name)])
+
+
+def _as_float(where: str, value: object) -> float:
+    """A number; also a string such as '2e-4', which YAML 1.1 reads as text."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{where} must be a number, got {value!r}") from None
 
 
 def resolve(raw: dict | None = None, overrides: dict | None = None) -> Params:

@@ -1,4 +1,5 @@
-"""DDPM training: AdamW, warm-up and cosine decay, EMA, clipping, checkpoints, replay log, resume.
+"""DDPM training: AdamW, warm-up, optional cosine decay, EMA, clipping, checkpoints, replay log,
+resume.
 
 Everything random is keyed by (seed, step, sample id), so a run interrupted at any point and
 resumed from its last checkpoint ends with exactly the weights of an uninterrupted run.
@@ -289,7 +290,8 @@ def train(
 
 
 def _finish(out_dir: Path, work: Path, run: _Run, wall: float) -> None:
-    """Move the checkpoints of a finished run into out_dir and write its summary files."""
+    """Copy the checkpoints of a finished run into out_dir, write its summary files and remove
+    its work folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
