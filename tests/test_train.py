@@ -121,8 +121,11 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = load_checkpoint(work / "resume.pt")["step"]
+    payload = load_checkpoint(work / "resume.pt")
+    killed_at = payload["step"]
     assert 0 < killed_at < steps
+    assert "log" not in payload  # the log lives once, memory-mapped in the work folder
+    assert ReplayLog.empty(steps, 8, {"batch_size": 8}, folder=work).complete_until(killed_at)
     assert not (tmp_path / "killed" / "run.json").exists()
 
     torch.set_num_threads(1)

@@ -29,15 +29,47 @@ class ReplayLog:
     settings: dict
 
     @classmethod
-    def empty(cls, steps: int, batch_size: int, settings: dict) -> ReplayLog:
+    def empty(
+        cls, steps: int, batch_size: int, settings: dict, folder: str | Path | None = None
+    ) -> ReplayLog:
+        """A log with room for every event of a run; unwritten rows have step −1.
+
+        folder: keep the arrays as memory-mapped `replay_<field>.npy` files there (reopened if
+        present with the right length), so a long run neither holds the log in memory nor
+        copies it into every checkpoint. None: in memory.
+        """
         n = steps * batch_size
-        return cls(
-            step=np.full(n, -1, np.int32),
-            sample_id=np.full(n, -1, np.int64),
-            t=np.zeros(n, np.int16),
-            loss=np.full(n, np.nan, np.float32),
-            settings=dict(settings),
-        )
+        fields = {
+            "step": (np.int32, -1),
+            "sample_id": (np.int64, -1),
+            "t": (np.int16, 0),
+            "loss": (np.float32, np.nan),
+        }
+        arrays = {}
+        for name, (dtype, fill) in fields.items():
+            if folder is None:
+                arrays[name] = np.full(n, fill, dtype)
+                continue
+            path = Path(folder) / f"replay_{name}.npy"
+            if path.exists():
+                existing = np.load(path, mmap_mode="r+")
+                if existing.shape == (n,) and existing.dtype == dtype:
+                    arrays[name] = existing
+                    continue
+            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+            arrays[name][:] = fill
+        return cls(**arrays, settings=dict(settings))
+
+    def flush(self) -> None:
+        """Write memory-mapped arrays to disk (no-op in memory)."""
+        for array in (self.step, self.sample_id, self.t, self.loss):
+            if isinstance(array, np.memmap):
+                array.flush()
+
+    def complete_until(self, steps_done: int) -> bool:
+        """Whether every event of steps [0, steps_done) is recorded."""
+        b = int(self.settings["batch_size"])
+        return bool((self.step[: steps_done * b] == np.repeat(np.arange(steps_done), b)).all())
 
     def record(self, step: int, sample_ids: np.ndarray, t: np.ndarray, loss: np.ndarray) -> None:
         """Store the events of one step (rows step·B … step·B + B − 1)."""

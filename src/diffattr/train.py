@@ -115,7 +115,9 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 class _Run:
     """Mutable state of one training run, savable and restorable as a whole."""
 
-    def __init__(self, settings: dict, dataset: ImageDataset, device: torch.device, seed: int):
+    def __init__(
+        self, settings: dict, dataset: ImageDataset, device: torch.device, seed: int, work: Path
+    ):
         self.settings = settings
         self.model = build_unet(settings["unet_config"], seed).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -123,7 +125,9 @@ class _Run:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"]
         )
-        self.log = ReplayLog.empty(tc["steps"], tc["batch_size"], self.log_settings(dataset))
+        self.log = ReplayLog.empty(
+            tc["steps"], tc["batch_size"], self.log_settings(dataset), folder=work
+        )
         self.loss_history = np.full(tc["steps"], np.nan, np.float32)
         self.step = 0
         self.lr = 0.0
@@ -140,6 +144,11 @@ class _Run:
             "image_shape": list(dataset.image_shape),
         }
 
+    def save(self, path: Path) -> None:
+        """Flush the replay log first, so it is never behind a checkpoint on disk."""
+        self.log.flush()
+        save_checkpoint(path, self.payload())
+
     def payload(self) -> dict:
         return {
             "step": self.step,
@@ -148,7 +157,6 @@ class _Run:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "log": self.log.truncated(self.step).to_arrays(),
             "loss_history": self.loss_history[: self.step].copy(),
             "rng": {"torch": torch.get_rng_state()},  # all draws are keyed; kept for completeness
             "weights_hash": weights_hash(self.model.state_dict()),
@@ -160,26 +168,31 @@ class _Run:
         self.model.load_state_dict(payload["model"])
         self.ema.load_state_dict(payload["ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        arrays = payload["log"]
-        b = self.settings["train"]["batch_size"]
-        for s in range(self.step):
-            rows = slice(s * b, s * b + b)
-            self.log.record(s, arrays["sample_id"][rows], arrays["t"][rows], arrays["loss"][rows])
         self.loss_history[: self.step] = payload["loss_history"]
         torch.set_rng_state(payload["rng"]["torch"])
 
 
-def _latest_checkpoint(work_dir: Path, settings: dict) -> dict | None:
-    """The most advanced readable checkpoint of this run in work_dir, or None."""
-    candidates = sorted(work_dir.glob("step_*.pt")) + [work_dir / RESUME_FILE]
+def _latest_checkpoint(work_dir: Path, settings: dict, log: ReplayLog) -> dict | None:
+    """The most advanced usable checkpoint of this run in work_dir, or None.
+
+    Unreadable checkpoints, and ones the replay log on disk does not reach, are skipped with a
+    warning. Step files are tried newest first, so only what is needed is loaded.
+    """
+    steps = sorted(work_dir.glob("step_*.pt"), reverse=True)
     best = None
-    for path in candidates:
+    for path in [work_dir / RESUME_FILE, *steps]:
         if not path.exists():
             continue
+        if best is not None and path != work_dir / RESUME_FILE:
+            if int(path.stem.removeprefix("step_")) <= best["step"]:
+                break
         try:
             payload = load_checkpoint(path, settings)
         except ValueError as err:
             warnings.warn(f"skipping unusable checkpoint: {err}", stacklevel=3)
+            continue
+        if not log.complete_until(int(payload["step"])):
+            warnings.warn(f"skipping {path}: the replay log does not reach it", stacklevel=3)
             continue
         if best is None or payload["step"] > best["step"]:
             best = payload
@@ -215,8 +228,8 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
 
-    run = _Run(settings, dataset, device, train_cfg.seed)
-    latest = _latest_checkpoint(work, settings)
+    run = _Run(settings, dataset, device, train_cfg.seed, work)
+    latest = _latest_checkpoint(work, settings, run.log)
     if latest is not None:
         run.restore(latest)
     resumed_from = run.step
@@ -263,16 +276,17 @@ def train(
         run.loss_history[step] = loss_values.mean()
         run.step = step + 1
         if run.step in keep_steps:
-            save_checkpoint(work / checkpoint_name(run.step), run.payload())
+            run.save(work / checkpoint_name(run.step))
         elif run.step % train_cfg.resume_every == 0:
-            save_checkpoint(work / RESUME_FILE, run.payload())
+            run.save(work / RESUME_FILE)
         bar.update(1)
         if step % 10 == 0:
             recent = run.loss_history[max(0, step - 49) : step + 1].mean()
             bar.set_postfix(loss=f"{recent:.4f}", refresh=False)
     bar.close()
     wall = time.perf_counter() - started
-    _finish(out_dir, work, run, wall)
+    log = run.log.truncated(run.step)  # in memory: the work folder goes next
+    _finish(out_dir, work, run, log, wall)
     if work_dir is None:
         with contextlib.suppress(OSError):  # kept while other runs' work is there
             work.parent.rmdir()
@@ -280,7 +294,7 @@ def train(
         out_dir=out_dir,
         model=run.model,
         ema=run.ema,
-        log=run.log.truncated(run.step),
+        log=log,
         loss_history=run.loss_history,
         checkpoint_steps=settings["train"]["checkpoints"],
         wall_time_s=wall,
@@ -289,7 +303,7 @@ def train(
     )
 
 
-def _finish(out_dir: Path, work: Path, run: _Run, wall: float) -> None:
+def _finish(out_dir: Path, work: Path, run: _Run, log: ReplayLog, wall: float) -> None:
     """Copy the checkpoints of a finished run into out_dir, write its summary files and remove
     its work folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +313,7 @@ def _finish(out_dir: Path, work: Path, run: _Run, wall: float) -> None:
         src = work / checkpoint_name(step)
         if src.exists():
             shutil.copy2(src, ckpt_dir / src.name)
-    run.log.truncated(run.step).save(out_dir / "replay_log.npz")
+    log.save(out_dir / "replay_log.npz")
     np.save(out_dir / "loss_history.npy", run.loss_history)
     run.ema.save_pretrained(out_dir / "final_ema")
     train_cfg = TrainParams(**run.settings["train"])
