@@ -148,7 +148,12 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
         assert torch.equal(a, b)
     assert np.array_equal(resumed.log.sample_id, fresh.log.sample_id)
     assert np.array_equal(resumed.log.t, fresh.log.t)
-    assert not work.exists()  # a finished run cleans its work folder
+
+    again = train(
+        tiny_dataset, model_params, cfg, tmp_path / "again", work_dir=work, progress=False
+    )
+    assert again.resumed_from_step == steps  # a finished run is reused, no step retrained
+    assert (tmp_path / "again" / "checkpoints" / checkpoint_name(steps)).exists()
 
 
 def test_non_finite_loss_stops_naming_step_and_sample_ids(

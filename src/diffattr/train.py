@@ -7,10 +7,10 @@ resumed from its last checkpoint ends with exactly the weights of an uninterrupt
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -287,9 +287,6 @@ def train(
     wall = time.perf_counter() - started
     log = run.log.truncated(run.step)  # in memory: the work folder goes next
     _finish(out_dir, work, run, log, wall)
-    if work_dir is None:
-        with contextlib.suppress(OSError):  # kept while other runs' work is there
-            work.parent.rmdir()
     return TrainResult(
         out_dir=out_dir,
         model=run.model,
@@ -304,15 +301,18 @@ def train(
 
 
 def _finish(out_dir: Path, work: Path, run: _Run, log: ReplayLog, wall: float) -> None:
-    """Copy the checkpoints of a finished run into out_dir, write its summary files and remove
-    its work folder."""
+    """Link (or copy) the checkpoints of a finished run into out_dir and write its summary files.
+
+    The work folder stays: a rerun with the same training settings (say, after changing only
+    the sampling parameters, when DVC has cleared out_dir) finds the run finished and trains
+    no step. Delete `data/.train-work/` to reclaim the space."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     for step in run.settings["train"]["checkpoints"]:
         src = work / checkpoint_name(step)
         if src.exists():
-            shutil.copy2(src, ckpt_dir / src.name)
+            _link_or_copy(src, ckpt_dir / src.name)
     log.save(out_dir / "replay_log.npz")
     np.save(out_dir / "loss_history.npy", run.loss_history)
     run.ema.save_pretrained(out_dir / "final_ema")
@@ -329,7 +329,15 @@ def _finish(out_dir: Path, work: Path, run: _Run, log: ReplayLog, wall: float) -
         "wall_time_s_last_session": wall,
     }
     (out_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link src to dst (no second copy on disk), copying where links are not possible."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def load_trained(out_dir: str | Path, step: int | None = None, ema: bool = False):
