@@ -8,6 +8,7 @@ import torch
 
 from diffattr import gradient_stage as stage_mod
 from diffattr import params as params_lib
+from diffattr.checkpoints import work_folder
 from diffattr.diffusion import build_scheduler, build_unet, unet_config
 from diffattr.extraction import array_specs, extract
 from diffattr.gradient_stage import run_gradient_stage
@@ -186,13 +187,13 @@ def test_interrupted_stage_resumes_from_its_work_folder(trained_smoke, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
     assert not (out / "index.json").exists()
-    unfinished = list(stage_mod.work_root(out).iterdir())
+    unfinished = list(work_folder(out).iterdir())
     assert len(unfinished) == 1 and unfinished[0].name.startswith("raw_step_0000003-")
 
     monkeypatch.setattr(stage_mod, "extract", real)
     resumed = run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
     assert resumed["throughput"]["gradients"] < fresh["throughput"]["gradients"]
-    assert not stage_mod.work_root(out).exists()
+    assert not work_folder(out).exists()
     for store in fresh["stores"]:
         _, a = load_store(tmp_path / "fresh" / store["path"])
         _, b = load_store(out / store["path"])

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from diffattr.store import setting_differences
+
 
 def settings_hash(settings: dict) -> str:
     """Short stable hash of a JSON-able settings dict."""
@@ -70,8 +72,14 @@ def load_checkpoint(path: str | Path, expected_settings: dict | None = None) -> 
 
 
 def settings_diff(stored: dict, requested: dict) -> str:
-    """'key: stored → requested' for each differing key (after a JSON round trip), '' if none."""
+    """'key.sub: stored X vs requested Y; …' for each differing leaf (after a JSON round trip),
+    '' if none."""
     a = json.loads(json.dumps(stored, sort_keys=True, default=str))
     b = json.loads(json.dumps(requested, sort_keys=True, default=str))
-    keys = sorted(set(a) | set(b))
-    return "; ".join(f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+    return "; ".join(line.strip() for line in setting_differences(a, b))
+
+
+def work_folder(out_dir: Path) -> Path:
+    """Where a stage keeps unfinished (and reusable) work: beside out_dir, so that DVC clearing
+    out_dir before a rerun does not lose it."""
+    return out_dir.parent / f".{out_dir.name}-work"

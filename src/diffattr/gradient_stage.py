@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffattr.checkpoints import checkpoint_name, settings_diff, settings_hash, weights_hash
+from diffattr.checkpoints import (
+    checkpoint_name,
+    settings_diff,
+    settings_hash,
+    weights_hash,
+    work_folder,
+)
 from diffattr.data import ImageDataset
 from diffattr.diffusion import build_scheduler
 from diffattr.extraction import Throughput, array_specs, extract
@@ -275,19 +281,13 @@ def run_gradient_stage(
     }
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))
     with contextlib.suppress(OSError):  # absent, or holds unfinished stores of other settings
-        work_root(out_dir).rmdir()
+        work_folder(out_dir).rmdir()
     return index
 
 
 def store_name(weights: str, step: int) -> str:
     """Folder name of a store: `raw_step_0000800`, `ema_step_0000800`."""
     return f"{weights}_{checkpoint_name(step).removesuffix('.pt')}"
-
-
-def work_root(out_dir: Path) -> Path:
-    """Where unfinished stores live, beside out_dir, so that DVC clearing out_dir before a
-    rerun does not lose them."""
-    return out_dir.parent / f".{out_dir.name}-work"
 
 
 def _open_store(
@@ -299,7 +299,7 @@ def _open_store(
     final = out_dir / name
     if (final / "meta.json").exists():
         return ArrayStore.open(final, settings, specs), None
-    work = work_root(out_dir) / f"{name}-{settings_hash(settings)}"
+    work = work_folder(out_dir) / f"{name}-{settings_hash(settings)}"
     return ArrayStore.open(work, settings, specs), final
 
 

@@ -103,7 +103,7 @@ def _dtype_name(dtype: np.dtype) -> str:
     return dtype.str
 
 
-def _differences(stored: Any, requested: Any, key: str = "") -> list[str]:
+def setting_differences(stored: Any, requested: Any, key: str = "") -> list[str]:
     """Lines ``key: stored X vs requested Y`` for every differing leaf (dicts compared by key)."""
     if isinstance(stored, dict) and isinstance(requested, dict):
         lines = []
@@ -114,7 +114,7 @@ def _differences(stored: Any, requested: Any, key: str = "") -> list[str]:
             elif k not in stored:
                 lines.append(f"  {sub}: stored (absent) vs requested {json.dumps(requested[k])}")
             else:
-                lines += _differences(stored[k], requested[k], sub)
+                lines += setting_differences(stored[k], requested[k], sub)
         return lines
     if stored != requested:
         return [f"  {key}: stored {json.dumps(stored)} vs requested {json.dumps(requested)}"]
@@ -193,8 +193,8 @@ class ArrayStore:
         specs = _normalise_specs(arrays)
         if (path / META_FILE).exists():
             meta = _read_meta(path)
-            lines = _differences(meta["settings"], settings, "settings")
-            lines += _differences(meta["arrays"], specs, "arrays")
+            lines = setting_differences(meta["settings"], settings, "settings")
+            lines += setting_differences(meta["arrays"], specs, "arrays")
             if lines:
                 raise StoreMismatchError(
                     f"the store at {path} was made with other settings than requested:\n"

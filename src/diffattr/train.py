@@ -27,6 +27,7 @@ from diffattr.checkpoints import (
     save_checkpoint,
     settings_hash,
     weights_hash,
+    work_folder,
 )
 from diffattr.data import ImageDataset
 from diffattr.diffusion import (
@@ -200,9 +201,8 @@ def _latest_checkpoint(work_dir: Path, settings: dict, log: ReplayLog) -> dict |
 
 
 def default_work_dir(out_dir: Path, settings: dict) -> Path:
-    """Where an unfinished run keeps its checkpoints: beside out_dir, keyed by the settings,
-    so that DVC clearing out_dir before a rerun does not lose them."""
-    return out_dir.parent / f".{out_dir.name}-work" / settings_hash(settings)
+    """A run's work folder, keyed by its settings."""
+    return work_folder(out_dir) / settings_hash(settings)
 
 
 def train(
