@@ -228,3 +228,16 @@ def test_training_on_a_subset_logs_only_its_ids(tiny_dataset, model_params, trai
     )
     assert set(np.unique(result.log.sample_id)) <= set(keep.tolist())
     assert result.settings["n_train"] == len(keep)
+
+
+def test_same_seed_gives_byte_identical_outputs(tiny_dataset, model_params, train_params, tmp_path):
+    torch.rand(3)  # whatever ran before in the process must not matter
+    train(tiny_dataset, model_params, train_params, tmp_path / "a", progress=False)
+    torch.rand(5)
+    train(tiny_dataset, model_params, train_params, tmp_path / "b", progress=False)
+    files = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    assert len(files) >= 6
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel

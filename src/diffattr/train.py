@@ -159,7 +159,7 @@ class _Run:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss_history": self.loss_history[: self.step].copy(),
-            "rng": {"torch": torch.get_rng_state()},  # all draws are keyed; kept for completeness
+            "rng": {"torch": torch.get_rng_state()},
             "weights_hash": weights_hash(self.model.state_dict()),
         }
 
@@ -228,6 +228,9 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
 
+    # Every draw of training is keyed; seeding the global generator too makes the RNG state
+    # saved in checkpoints (and so the checkpoint files) the same on every run.
+    torch.manual_seed(train_cfg.seed)
     run = _Run(settings, dataset, device, train_cfg.seed, work)
     latest = _latest_checkpoint(work, settings, run.log)
     if latest is not None:
@@ -286,7 +289,7 @@ def train(
     bar.close()
     wall = time.perf_counter() - started
     log = run.log.truncated(run.step)  # in memory: the work folder goes next
-    _finish(out_dir, work, run, log, wall)
+    _finish(out_dir, work, run, log)
     return TrainResult(
         out_dir=out_dir,
         model=run.model,
@@ -300,7 +303,7 @@ def train(
     )
 
 
-def _finish(out_dir: Path, work: Path, run: _Run, log: ReplayLog, wall: float) -> None:
+def _finish(out_dir: Path, work: Path, run: _Run, log: ReplayLog) -> None:
     """Link (or copy) the checkpoints of a finished run into out_dir and write its summary files.
 
     The work folder stays: a rerun with the same training settings (say, after changing only
@@ -326,7 +329,6 @@ def _finish(out_dir: Path, work: Path, run: _Run, log: ReplayLog, wall: float) -
         ],
         "final_weights_hash": weights_hash(run.model.state_dict()),
         "final_ema_hash": weights_hash(run.ema.state_dict()),
-        "wall_time_s_last_session": wall,
     }
     (out_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
 
