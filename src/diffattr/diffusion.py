@@ -29,6 +29,16 @@ _ATTN_UNET = {
     "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
 }
 
+# Settings of the DDPM reference UNets (google/ddpm-cifar10-32) beyond their widths and blocks.
+_DDPM_COMMON = {
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "attention_head_dim": None,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+}
+
 # UNet2DModel topologies by name. `sample_size` and channels come from the data at build time.
 UNET_CONFIGS: dict[str, dict] = {
     # Digits at 8×8 on two CPU cores: two levels (8→4), attention at 4×4, 0.28M parameters.
@@ -45,12 +55,7 @@ UNET_CONFIGS: dict[str, dict] = {
         "layers_per_block": 2,
         "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
-        "norm_eps": 1e-6,
-        "attention_head_dim": None,
-        "downsample_padding": 0,
-        "flip_sin_to_cos": False,
-        "freq_shift": 1,
+        **_DDPM_COMMON,
     },
     # The same topology with one more level, for 64×64 CelebA.
     "ddpm_64": {
@@ -64,12 +69,7 @@ UNET_CONFIGS: dict[str, dict] = {
             "DownBlock2D",
         ),
         "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
-        "norm_eps": 1e-6,
-        "attention_head_dim": None,
-        "downsample_padding": 0,
-        "flip_sin_to_cos": False,
-        "freq_shift": 1,
+        **_DDPM_COMMON,
     },
 }
 

@@ -41,6 +41,7 @@ from diffattr.items import (
     KIND_HELDOUT,
     KIND_TRAIN,
     ItemSet,
+    concat_items,
     grid_items,
     replay_items,
     replay_window,
@@ -85,25 +86,7 @@ class QuerySet:
                         seed,
                     )
                 )
-        return _concat(parts)
-
-
-def _concat(parts: list[ItemSet]) -> ItemSet:
-    if len(parts) == 1:
-        return parts[0]
-    sizes = np.cumsum([0] + [p.n for p in parts])
-
-    def noise(rows: np.ndarray) -> torch.Tensor:
-        out = []
-        for i, part in enumerate(parts):
-            sel = rows[(rows >= sizes[i]) & (rows < sizes[i + 1])] - sizes[i]
-            if len(sel):
-                out.append(part.noise(sel))
-        return torch.cat(out)
-
-    return ItemSet(
-        torch.cat([p.x0 for p in parts]), torch.cat([p.t for p in parts]), parts[0].draws, noise
-    )
+        return concat_items(parts)
 
 
 def check_matches_training(P: Params, dataset: ImageDataset, train_dir: Path) -> None:

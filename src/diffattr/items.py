@@ -115,3 +115,23 @@ def replay_window(log: ReplayLog, checkpoint: int, previous: int, window: str) -
     reversed_ids = log.sample_id[before][::-1]
     _, first_in_reversed = np.unique(reversed_ids, return_index=True)
     return np.sort(before[len(before) - 1 - first_in_reversed])
+
+
+def concat_items(parts: list[ItemSet]) -> ItemSet:
+    """Rows of several sets (same timesteps and draws) one after another; noise stays keyed
+    by each part's own keys."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = np.cumsum([0] + [p.n for p in parts])
+
+    def noise(rows: np.ndarray) -> torch.Tensor:
+        out = []
+        for i, part in enumerate(parts):
+            sel = rows[(rows >= sizes[i]) & (rows < sizes[i + 1])] - sizes[i]
+            if len(sel):
+                out.append(part.noise(sel))
+        return torch.cat(out)
+
+    return ItemSet(
+        torch.cat([p.x0 for p in parts]), torch.cat([p.t for p in parts]), parts[0].draws, noise
+    )
