@@ -33,7 +33,7 @@ from diffattr.checkpoints import (
     work_folder,
 )
 from diffattr.data import ImageDataset
-from diffattr.diffusion import build_scheduler
+from diffattr.diffusion import build_scheduler, unet_config
 from diffattr.extraction import Throughput, array_specs, extract
 from diffattr.gradients import PerSampleGradients
 from diffattr.items import (
@@ -52,7 +52,7 @@ from diffattr.projection import Projector, make_projector
 from diffattr.replay import ReplayLog
 from diffattr.sampling import load_queries
 from diffattr.store import ArrayStore
-from diffattr.train import load_trained
+from diffattr.train import load_trained, run_settings
 
 FORMAT_VERSION = 1
 
@@ -95,12 +95,10 @@ def check_matches_training(P: Params, dataset: ImageDataset, train_dir: Path) ->
     if not summary.exists():
         raise FileNotFoundError(f"no finished training run in {train_dir}; run the train stage")
     trained = json.loads(summary.read_text())["settings"]
-    requested = {
-        "dataset": dataset.name,
-        "train_ids_hash": settings_hash({"ids": dataset.ids.tolist()}),
-        "image_shape": list(dataset.image_shape),
-        "model": vars(P.model),
-    }
+    config = unet_config(P.model.unet, dataset.image_shape)
+    keys = ("dataset", "train_ids_hash", "image_shape", "model")
+    expected = run_settings(dataset, P.model, P.train, config)
+    requested = {k: expected[k] for k in keys}
     diff = settings_diff({k: trained[k] for k in requested}, requested)
     if diff:
         raise ValueError(

@@ -90,6 +90,14 @@ class PerSampleGradients:
         Returns [B, dim] float32 on `self.device`: each row the gradient of its item's measurement
         averaged over its S draws. The tensor is a buffer reused by the next call: copy it to keep.
         """
+        x0, t, eps = self._inputs(x0, t, eps)
+        grads = self._grad(self.params, x0, t, eps)
+        out = self._buffer(x0.shape[0])
+        torch.cat([grads[name].reshape(x0.shape[0], -1) for name in self.names], dim=1, out=out)
+        return out
+
+    def _inputs(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+        """Checked inputs on `self.device`, eps as [B, S, C, H, W]."""
         if eps.dim() == x0.dim():
             eps = eps.unsqueeze(1)
         if eps.shape[0] != x0.shape[0] or eps.shape[2:] != x0.shape[1:] or t.shape != x0.shape[:1]:
@@ -97,11 +105,7 @@ class PerSampleGradients:
                 f"shapes disagree: x0 {tuple(x0.shape)}, t {tuple(t.shape)}, eps {tuple(eps.shape)}"
                 " (expected x0 [B, C, H, W], t [B], eps [B, S, C, H, W])"
             )
-        x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
-        grads = self._grad(self.params, x0, t, eps)
-        out = self._buffer(x0.shape[0])
-        torch.cat([grads[name].reshape(x0.shape[0], -1) for name in self.names], dim=1, out=out)
-        return out
+        return x0.to(self.device), t.to(self.device), eps.to(self.device)
 
     def _buffer(self, rows: int) -> torch.Tensor:
         """A reused [rows, dim] output buffer: concatenating into fresh memory costs more than
@@ -113,14 +117,11 @@ class PerSampleGradients:
     def loop(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The same gradients by one autograd backward per item — the reference and the baseline
         (what the official ReTrac code does); never the fast path. Returns [B, dim]."""
-        if eps.dim() == x0.dim():
-            eps = eps.unsqueeze(1)
+        x0, t, eps = self._inputs(x0, t, eps)
         params = [self.params[n].clone().requires_grad_(True) for n in self.names]
         named = dict(zip(self.names, params, strict=True))
         rows = []
         for i in range(x0.shape[0]):
-            value = self._item_value(
-                named, x0[i].to(self.device), t[i].to(self.device), eps[i].to(self.device)
-            )
+            value = self._item_value(named, x0[i], t[i], eps[i])
             rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params)]))
         return torch.stack(rows)

@@ -112,6 +112,3 @@ class ReplayLog:
             raise FileNotFoundError(f"no replay log at {path}; run the training stage first")
         with np.load(path) as f:
             return cls(f["step"], f["sample_id"], f["t"], f["loss"], json.loads(str(f["settings"])))
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"step": self.step, "sample_id": self.sample_id, "t": self.t, "loss": self.loss}
