@@ -3,7 +3,9 @@
 For each model (the default digits UNet "tiny" at 1×8×8, the DDPM CIFAR-10 UNet at 3×32×32) and
 one batch of B items with S = 1 noise draw each, it times
 
-- (a) extractor:  `PerSampleGradients.__call__`, vmap(grad) over the batch → [B, dim];
+- (a) extractor:  `PerSampleGradients.__call__` with its default engine, layerwise (one batched
+  backward to the layer outputs, per-sample weight gradients per layer) → [B, dim];
+- (a') vmap:      the same call with engine "vmap" (torch.func vmap(grad)) → the same [B, dim];
 - (b) loop:       `PerSampleGradients.loop`, one autograd backward per item (what the official
   ReTrac code does) → the same [B, dim];
 - (c) floor:      one batched mean-loss forward + backward with plain autograd on the model as
@@ -13,7 +15,8 @@ one batch of B items with S = 1 noise draw each, it times
 
 and reports time per sample (min and median of --repeats after one warm-up), the ratios b/a
 (speed-up, target ≥ 4×), a/c (overhead over the floor, target ≤ 1.5×) and d/a (projection vs
-gradient, target ≤ 1×), and the peak memory each method adds.
+gradient, target ≤ 1×) for the default engine, the same for vmap (a'), and the peak memory each
+method adds.
 
 Every (model, method) runs in a fresh subprocess, so no method inherits another's caches or
 allocator state. Memory is the peak a method adds over what its process holds once the model and
@@ -68,7 +71,8 @@ DEFAULT_BATCH = {
 }
 
 LABELS = {
-    "extractor": "(a) extractor vmap(grad)",
+    "extractor": "(a) extractor, layerwise",
+    "vmap": "(a') extractor, vmap(grad)",
     "loop": "(b) autograd loop per item",
     "floor": "(c) floor: batched mean loss",
     "sparse": "(d) sparse sketch projection",
@@ -150,10 +154,13 @@ def _method_fn(spec: dict, device: torch.device) -> tuple[Callable[[], object], 
     eps = torch.randn(batch, 1, *shape, generator=gen).to(device)  # [B, S = 1, C, H, W]
     method = spec["method"]
 
-    if method in ("extractor", "loop"):
-        psg = PerSampleGradients(model, abar, chunk_size=spec["chunk_size"], device=device)
+    if method in ("extractor", "vmap", "loop"):
+        engine = "vmap" if method == "vmap" else "auto"
+        psg = PerSampleGradients(
+            model, abar, chunk_size=spec["chunk_size"], device=device, engine=engine
+        )
         del model
-        if method == "extractor":
+        if method != "loop":
             return (lambda: psg(x0, t, eps)), dim
         return (lambda: psg.loop(x0, t, eps)), dim
 
@@ -257,6 +264,8 @@ def ratio_lines(results: list[dict]) -> tuple[list[str], list[dict]]:
     checks = [
         ("speed-up over the loop", "b/a", "loop", "extractor", ">=", TARGET_SPEEDUP),
         ("overhead over the floor", "a/c", "extractor", "floor", "<=", TARGET_OVERHEAD),
+        ("vmap: speed-up over the loop", "b/a'", "loop", "vmap", ">=", TARGET_SPEEDUP),
+        ("vmap: overhead over the floor", "a'/c", "vmap", "floor", "<=", TARGET_OVERHEAD),
         ("sparse projection vs gradient", "d/a", "sparse", "extractor", "<=", TARGET_PROJECTION),
         ("dense projection vs gradient", "d/a", "rademacher", "extractor", "<=", TARGET_PROJECTION),
     ]
@@ -273,7 +282,7 @@ def ratio_lines(results: list[dict]) -> tuple[list[str], list[dict]]:
             verdict = "PASS" if ok else "MISS"
             goal = f"target {'≥' if op == '>=' else '≤'} {target:g}×"
             lines.append(
-                f"{model:<6} {name:<30} {symbol} = {value:7.2f}×  (median {median:6.2f}×)  "
+                f"{model:<6} {name:<30} {symbol:<4} = {value:7.2f}×  (median {median:6.2f}×)  "
                 f"{goal:<14} {verdict}"
             )
             records.append(
@@ -337,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the dense rademacher projection (tiny model only)",
     )
     parser.add_argument(
-        "--chunk-size", type=int, default=None, help="vmap chunk size of the extractor"
+        "--chunk-size", type=int, default=None, help="items per pass of the extractor engines"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -364,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     specs = []
     for model in args.models:
-        methods = ["extractor", "loop", "floor", "sparse"]
+        methods = ["extractor", "vmap", "loop", "floor", "sparse"]
         if args.dense and model == "tiny":
             methods.append("rademacher")
         batch = args.batch or DEFAULT_BATCH[(model, device.type)]
@@ -405,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"settings: S = 1 draw per item, l2 loss, one warm-up then {args.repeats} timed "
-        f"repeat(s), projection k = {args.proj_dim}, vmap chunk size {args.chunk_size}; "
+        f"repeat(s), projection k = {args.proj_dim}, chunk size {args.chunk_size}; "
         "each method in its own process"
     )
     print(f"memory: {memory_description(device)}")
@@ -421,7 +430,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{model}: the [B, dim] float32 gradient output is {size / MIB:.1f} MiB")
     print()
     lines, ratios = ratio_lines(results)
-    print("ratios of min times per sample (b: loop, a: extractor, c: floor, d: projection):")
+    print(
+        "ratios of min times per sample (b: loop, a: extractor (layerwise), a': vmap, c: floor, "
+        "d: projection):"
+    )
     for line in lines:
         print(line)
 

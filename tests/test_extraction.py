@@ -170,6 +170,16 @@ def test_gradient_stage_refuses_a_store_made_with_other_settings(trained_smoke, 
         run_gradient_stage(other, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
 
 
+def test_stores_record_the_engine_and_refuse_mixing_engines(trained_smoke, tmp_path):
+    P = params_lib.resolve(SMOKE)
+    index = run_gradient_stage(P, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+    settings, _ = load_store(tmp_path / "grads" / index["stores"][0]["path"])
+    assert index["engine"] == settings["engine"] == "layerwise"
+    vmapped = params_lib.resolve(SMOKE, {"gradients": {"engine": "vmap"}})
+    with pytest.raises(StoreMismatchError, match="engine"):
+        run_gradient_stage(vmapped, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+
+
 def test_interrupted_stage_resumes_from_its_work_folder(trained_smoke, tmp_path, monkeypatch):
     P = params_lib.resolve(SMOKE)
     fresh = run_gradient_stage(P, trained_smoke, tmp_path / "fresh", torch.device("cpu"), False)

@@ -1,4 +1,4 @@
-"""Per-sample gradients: vmap equals an autograd loop; replayed gradients are training's own."""
+"""Per-sample gradients: both engines equal an autograd loop; replayed gradients are training's."""
 
 from __future__ import annotations
 
@@ -37,22 +37,30 @@ def _batch(b: int = 6, draws: int = 1, seed: int = 0):
     return x0, t, eps
 
 
+ENGINES = ["vmap", "layerwise"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(
     ("loss", "measurement", "draws"), [("l2", "loss", 1), ("l1", "loss", 3), ("l2", "sqnorm", 2)]
 )
-def test_vmap_gradients_match_an_autograd_loop(tiny_unet, loss, measurement, draws):
-    grads = PerSampleGradients(tiny_unet, build_scheduler().alphas_cumprod, loss, measurement)
+def test_gradients_match_an_autograd_loop(tiny_unet, loss, measurement, draws, engine):
+    grads = PerSampleGradients(
+        tiny_unet, build_scheduler().alphas_cumprod, loss, measurement, engine=engine
+    )
+    assert grads.engine == engine
     x0, t, eps = _batch(draws=draws)
     fast, slow = grads(x0, t, eps), grads.loop(x0, t, eps)
     assert fast.shape == (6, sum(p.numel() for p in tiny_unet.parameters()))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
-def test_both_paths_equal_plain_autograd_on_the_original_model(tiny_unet):
-    """The loop reference and the vmap path equal module autograd on the unmodified model
+@pytest.mark.parametrize("engine", ENGINES)
+def test_both_paths_equal_plain_autograd_on_the_original_model(tiny_unet, engine):
+    """The loop reference and each engine equal module autograd on the unmodified model
     (diffusers' own attention processor), so swapping the processor changes no number."""
     sched = build_scheduler()
-    grads = PerSampleGradients(tiny_unet, sched.alphas_cumprod)
+    grads = PerSampleGradients(tiny_unet, sched.alphas_cumprod, engine=engine)
     x0, t, eps = _batch(b=2)
     fast, slow = grads(x0, t, eps).clone(), grads.loop(x0, t, eps)
     for i in range(2):
@@ -65,19 +73,32 @@ def test_both_paths_equal_plain_autograd_on_the_original_model(tiny_unet):
     tiny_unet.zero_grad(set_to_none=True)
 
 
-def test_vmap_over_attention_raises_no_fallback_warning(tiny_unet):
-    grads = PerSampleGradients(tiny_unet, build_scheduler().alphas_cumprod, chunk_size=2)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gradients_over_attention_raise_no_warning(tiny_unet, engine):
+    grads = PerSampleGradients(
+        tiny_unet, build_scheduler().alphas_cumprod, chunk_size=2, engine=engine
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grads(*_batch(b=4))
 
 
-def test_chunked_vmap_equals_unchunked(tiny_unet):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_chunked_equals_unchunked(tiny_unet, engine):
     sched = build_scheduler()
-    x0, t, eps = _batch(b=5)
-    a = PerSampleGradients(tiny_unet, sched.alphas_cumprod)(x0, t, eps)
-    b = PerSampleGradients(tiny_unet, sched.alphas_cumprod, chunk_size=2)(x0, t, eps)
-    torch.testing.assert_close(a, b)
+    x0, t, eps = _batch(b=5, draws=2)
+    a = PerSampleGradients(tiny_unet, sched.alphas_cumprod, engine=engine)(x0, t, eps).clone()
+    b = PerSampleGradients(tiny_unet, sched.alphas_cumprod, chunk_size=2, engine=engine)
+    torch.testing.assert_close(a, b(x0, t, eps))
+
+
+def test_auto_engine_is_layerwise_on_a_unet_and_agrees_with_vmap(tiny_unet):
+    sched = build_scheduler()
+    auto = PerSampleGradients(tiny_unet, sched.alphas_cumprod)
+    assert auto.engine == "layerwise"
+    x0, t, eps = _batch(b=4, draws=2)
+    vmapped = PerSampleGradients(tiny_unet, sched.alphas_cumprod, engine="vmap")
+    torch.testing.assert_close(auto(x0, t, eps), vmapped(x0, t, eps), rtol=1e-4, atol=1e-6)
 
 
 def test_mismatched_shapes_are_refused(tiny_unet):

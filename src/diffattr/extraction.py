@@ -76,7 +76,7 @@ def extract(
 ) -> Throughput:
     """Compute and store the gradients of every cell of `items` not yet in the store.
 
-    batch_size: cells (image × timestep) per vmap call; each costs `items.draws` sample
+    batch_size: cells (image × timestep) per gradient call; each costs `items.draws` sample
     gradients. Returns what this call computed and how long it took.
     """
     norm_name, feat_name = f"{name}_norm", f"{name}_features"

@@ -35,7 +35,7 @@ from diffattr.checkpoints import (
 from diffattr.data import ImageDataset
 from diffattr.diffusion import build_scheduler, unet_config
 from diffattr.extraction import Throughput, array_specs, extract
-from diffattr.gradients import PerSampleGradients
+from diffattr.gradients import PerSampleGradients, resolve_engine
 from diffattr.items import (
     KIND_GENERATED,
     KIND_HELDOUT,
@@ -139,7 +139,7 @@ def _store_settings(
         "gradients": {
             k: v
             for k, v in vars(P.gradients).items()
-            if k not in ("batch_size", "chunk_size", "train_grid_at")
+            if k not in ("batch_size", "chunk_size", "train_grid_at", "engine")
         },
         **extra,
     }
@@ -257,6 +257,7 @@ def run_gradient_stage(
         "profile_draws": gp.profile_draws,
         "replay_window": gp.replay_window,
         "throughput": total.as_dict(),
+        "engine": resolve_engine(gp.engine, model),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "device": str(device),
     }
@@ -322,7 +323,7 @@ def _extract_store(
     measures = {"loss": sets, "sqnorm": sqnorm_sets or {}}
     grads = {
         m: PerSampleGradients(
-            model, scheduler.alphas_cumprod, P.model.loss, m, gp.chunk_size, device
+            model, scheduler.alphas_cumprod, P.model.loss, m, gp.chunk_size, device, gp.engine
         )
         for m, chosen in measures.items()
         if chosen
@@ -338,6 +339,7 @@ def _extract_store(
     extra = {
         "sets": described,
         "n_params": grads["loss"].dim,
+        "engine": grads["loss"].engine,  # the engine in use: its float rounding is its own
         "loss": P.model.loss,
         "queries_hash": query_hash,
     }

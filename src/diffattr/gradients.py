@@ -1,4 +1,4 @@
-"""Per-sample gradients of a diffusion model with `torch.func` (`functional_call` + `vmap(grad)`).
+"""Per-sample gradients of a diffusion model, by one of two engines that give the same numbers.
 
 One *item* is an image x0 at a timestep t with S noise draws ε_1..S; its gradient is
 ∇_θ (1/S) Σ_s f(ε_θ(x_t,s, t), ε_s), the mean over the draws, where f is
@@ -6,9 +6,19 @@ One *item* is an image x0 at a timestep t with S noise draws ε_1..S; its gradie
 - `loss`:   the training loss, mean((ε − ε̂)²) (l2) or mean(|ε − ε̂|) (l1);
 - `sqnorm`: the D-TRAK measurement mean(ε̂²).
 
-diffusers' fused attention (`F.scaled_dot_product_attention`) has no vmap batching rule on the
-CPU, so extraction runs on a copy of the model whose attention modules use the plain
-matrix-multiply processor: the same arithmetic, batched by vmap on every device.
+Engines:
+
+- `vmap`: `torch.func` (`functional_call` + `vmap(grad)`), for any model. diffusers' fused
+  attention (`F.scaled_dot_product_attention`) has no vmap batching rule on the CPU, so this
+  engine runs on a copy of the model whose attention modules use the plain matrix-multiply
+  processor: the same arithmetic, batched by vmap on every device.
+- `layerwise`: one batched forward and backward to the layer outputs, then each layer's
+  per-sample weight gradients in closed form (`diffattr.layerwise`); for models built of stock
+  Linear / Conv2d / GroupNorm layers, such as diffusers' `UNet2DModel`. It skips vmap's
+  per-sample grouped convolutions, which are slow on the CPU.
+- `auto` (default): `layerwise` where the model allows it, else `vmap`.
+
+Both agree with a per-item autograd loop (`PerSampleGradients.loop`) to float rounding.
 """
 
 from __future__ import annotations
@@ -21,8 +31,19 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch.func import functional_call, grad, vmap
 
 from diffattr.diffusion import add_noise, per_sample_loss
+from diffattr.layerwise import LayerwiseGradients, unsupported_modules
 
 MEASUREMENTS = ("loss", "sqnorm")
+ENGINES = ("auto", "layerwise", "vmap")
+
+
+def resolve_engine(engine: str, model: torch.nn.Module) -> str:
+    """`layerwise` or `vmap` for a requested engine; `auto` picks layerwise where supported."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown gradient engine {engine!r}; choose one of {list(ENGINES)}")
+    if engine == "auto":
+        return "vmap" if unsupported_modules(model) else "layerwise"
+    return engine
 
 
 def vmap_ready(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,7 +71,9 @@ class PerSampleGradients:
 
     model: an ε-prediction `UNet2DModel` (weights are read once; the model is not modified).
     alphas_cumprod: [T] noise schedule. Parameters are flattened in `named_parameters` order;
-    `dim` is their total count.
+    `dim` is their total count. engine: auto | layerwise | vmap (see the module docstring);
+    `self.engine` is the one in use. chunk_size: items per vmap call or per layerwise pass
+    (None = the whole batch at once; smaller trims memory).
     """
 
     def __init__(
@@ -61,9 +84,11 @@ class PerSampleGradients:
         measurement: str = "loss",
         chunk_size: int | None = None,
         device: torch.device | str | None = None,
+        engine: str = "auto",
     ):
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
+        self.engine = resolve_engine(engine, model)
         self.model = vmap_ready(model).to(self.device)
         self.params = {k: v.detach() for k, v in self.model.named_parameters()}
         self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
@@ -75,6 +100,8 @@ class PerSampleGradients:
         self.chunk_size = chunk_size
         self._out: torch.Tensor | None = None
         self._grad = vmap(grad(self._item_value), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)
+        if self.engine == "layerwise":
+            self._layerwise = LayerwiseGradients(self.model.requires_grad_(True))
 
     def _item_value(self, params: dict, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
         draws = eps.shape[0]
@@ -91,10 +118,30 @@ class PerSampleGradients:
         averaged over its S draws. The tensor is a buffer reused by the next call: copy it to keep.
         """
         x0, t, eps = self._inputs(x0, t, eps)
-        grads = self._grad(self.params, x0, t, eps)
         out = self._buffer(x0.shape[0])
-        torch.cat([grads[name].reshape(x0.shape[0], -1) for name in self.names], dim=1, out=out)
+        if self.engine == "vmap":
+            grads = self._grad(self.params, x0, t, eps)
+            torch.cat([grads[n].reshape(x0.shape[0], -1) for n in self.names], dim=1, out=out)
+            return out
+        step = self.chunk_size or x0.shape[0]
+        for i in range(0, x0.shape[0], step):
+            rows = slice(i, i + step)
+            self._layerwise_chunk(x0[rows], t[rows], eps[rows], out[rows])
         return out
+
+    def _layerwise_chunk(self, x0, t, eps, out) -> None:
+        """Layerwise gradients of items x0 [B, ...], t [B], eps [B, S, ...] into out [B, dim]."""
+        draws = eps.shape[1]
+
+        def total_value() -> torch.Tensor:
+            x0s = x0.unsqueeze(1).expand_as(eps).flatten(0, 1)  # [B·S, C, H, W], item-major
+            ts = t.repeat_interleave(draws)
+            e = eps.flatten(0, 1)
+            x_t = add_noise(x0s, e, ts, self.abar)
+            eps_pred = self.model(x_t, ts).sample
+            return self.measure(eps_pred, e).sum() / draws
+
+        self._layerwise(total_value, draws, out)
 
     def _inputs(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
         """Checked inputs on `self.device`, eps as [B, S, C, H, W]."""

@@ -19,6 +19,7 @@ import yaml
 
 from diffattr.data import DATASET_NAMES, ImageDataset, load_dataset
 from diffattr.diffusion import LOSS_KINDS, SCHEDULES, UNET_CONFIGS
+from diffattr.gradients import ENGINES
 
 
 @dataclass
@@ -94,8 +95,10 @@ class GradientParams:
     #                           rademacher | none
     projection_dim: int = 2048
     projection_seed: int = 0
-    batch_size: int = 64  # items per vmap call
-    chunk_size: int | None = None  # vmap chunk size (None = whole batch at once)
+    engine: str = "auto"  # per-sample gradients: auto (layerwise where the model allows) |
+    #                       layerwise | vmap (torch.func); same numbers to float rounding
+    batch_size: int = 64  # items per gradient call
+    chunk_size: int | None = None  # items per engine pass (None = the whole batch at once)
     seed: int = 0  # keys the grid noise draws
 
 
@@ -149,6 +152,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gradients", "replay_window"): ("epoch", "interval"),
     ("gradients", "train_grid_at"): ("last", "all"),
     ("gradients", "projection"): ("auto", "sparse", "gaussian", "rademacher", "none"),
+    ("gradients", "engine"): ENGINES,
 }
 
 _CIFAR_TRAIN = {
