@@ -42,12 +42,12 @@ repro: env
 	$(BIN)/dvc repro
 
 test: env
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks notebooks
 	$(BIN)/pytest -q
 
 lint: env
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks notebooks
+	$(BIN)/ruff format --check src tests benchmarks notebooks
 
 # Strip outputs from the source notebooks (the executed ones live in reports/).
 notebooks-clean: env
