@@ -13,7 +13,9 @@ one batch of B items with S = 1 noise draw each, it times
 - (d) projection: the sparse sketch of [B, dim] gradients to k features (the CPU default), and,
   with --dense, the dense Rademacher projection for the tiny model only;
 
-and reports time per sample (min and median of --repeats after one warm-up), the ratios b/a
+and reports time per sample (min and median over --rounds × --repeats timed calls, each round a
+fresh process with one warm-up; rounds interleave the methods, so a slow spell of a shared
+machine hits them alike and the min stays a fair estimate), the ratios b/a
 (speed-up, target ≥ 4×), a/c (overhead over the floor, target ≤ 1.5×) and d/a (projection vs
 gradient, target ≤ 1×) for the default engine, the same for vmap (a'), and the peak memory each
 method adds.
@@ -226,6 +228,27 @@ def run_in_subprocess(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One method's rounds as one result: all timed calls pooled, the largest memory peak."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    times = [t for r in runs for t in r["times_s"]]
+    batch = runs[0]["batch"]
+    return {
+        **runs[0],
+        "rounds": len(runs),
+        "warmup_s": max(r["warmup_s"] for r in runs),
+        "times_s": times,
+        "min_s": min(times),
+        "median_s": statistics.median(times),
+        "per_sample_min_ms": 1e3 * min(times) / batch,
+        "per_sample_median_ms": 1e3 * statistics.median(times) / batch,
+        "peak_bytes": max(r["peak_bytes"] for r in runs),
+        "hwm_reset": all(r["hwm_reset"] for r in runs),
+    }
+
+
 def machine_info() -> dict:
     """CPU model, core counts, torch version (GPU name and threads come from the workers)."""
     cpu = platform.processor() or "unknown"
@@ -331,7 +354,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="items per batch for every model (default: tiny 64; cifar 8 on CPU, 64 on CUDA)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per round, after one warm-up"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="fresh processes per method, interleaved"
+    )
     parser.add_argument("--models", default="tiny,cifar", help=f"comma list of {list(MODELS)}")
     parser.add_argument(
         "--quick", action="store_true", help="validate the script: tiny only, batch 8, repeats 1"
@@ -352,12 +380,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.batch, args.repeats = "tiny", 8, 1
+        args.models, args.batch, args.repeats, args.rounds = "tiny", 8, 1, 1
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    for name in ("batch", "repeats", "threads", "proj_dim", "chunk_size"):
+    for name in ("batch", "repeats", "rounds", "threads", "proj_dim", "chunk_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -394,10 +422,17 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
 
-    results = []
-    for spec in specs:
-        print(f"running {spec['model']} {spec['method']} (B={spec['batch']}) ...", file=sys.stderr)
-        results.append(run_in_subprocess(spec))
+    rounds: list[list[dict]] = []
+    for round_index in range(args.rounds):
+        rounds.append([])
+        for spec in specs:
+            print(
+                f"round {round_index + 1}/{args.rounds}: {spec['model']} {spec['method']} "
+                f"(B={spec['batch']}) ...",
+                file=sys.stderr,
+            )
+            rounds[-1].append(run_in_subprocess(spec))
+    results = [merge_rounds(list(runs)) for runs in zip(*rounds, strict=True)]
 
     ok = [r for r in results if "error" not in r]
     machine = machine_info()
@@ -413,8 +448,9 @@ def main(argv: list[str] | None = None) -> None:
         + (f" ({machine['device_name']})" if machine["device_name"] else "")
     )
     print(
-        f"settings: S = 1 draw per item, l2 loss, one warm-up then {args.repeats} timed "
-        f"repeat(s), projection k = {args.proj_dim}, chunk size {args.chunk_size}; "
+        f"settings: S = 1 draw per item, l2 loss; {args.rounds} round(s) of a fresh process per "
+        f"method, each one warm-up then {args.repeats} timed repeat(s); "
+        f"projection k = {args.proj_dim}, chunk size {args.chunk_size}; "
         "each method in its own process"
     )
     print(f"memory: {memory_description(device)}")
@@ -445,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {
                 "models": args.models,
                 "repeats": args.repeats,
+                "rounds": args.rounds,
                 "batch": args.batch,
                 "proj_dim": args.proj_dim,
                 "chunk_size": args.chunk_size,

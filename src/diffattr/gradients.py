@@ -89,7 +89,9 @@ class PerSampleGradients:
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.engine = resolve_engine(engine, model)
-        self.model = vmap_ready(model).to(self.device)
+        # vmap needs the matmul attention processor; the layerwise engine keeps the fused one.
+        ready = vmap_ready(model) if self.engine == "vmap" else copy.deepcopy(model).eval()
+        self.model = ready.to(self.device)
         self.params = {k: v.detach() for k, v in self.model.named_parameters()}
         self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
         self.names = list(self.params)

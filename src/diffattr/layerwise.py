@@ -18,6 +18,7 @@ the three layer kinds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,31 @@ def unsupported_modules(model: nn.Module) -> list[str]:
     return problems
 
 
+class Workspace:
+    """Scratch tensors reused across layers and calls: on the CPU, fresh multi-megabyte
+    temporaries for every layer cost page faults on each call."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of `shape` with `like`'s dtype and device."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.device != like.device
+            or buf.dtype != like.dtype
+        ):
+            buf = self._buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+
+def _fresh(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
 class LayerwiseGradients:
     """Per-row-group gradients of Σ_rows value(model output) for a model of supported layers.
 
@@ -65,6 +91,7 @@ class LayerwiseGradients:
             start += p.numel()
         self.model = model
         self.dim = start
+        self.workspace = Workspace()
         self.layers = [
             (m, {attr: slice(*offsets[id(p)]) for attr, p in m.named_parameters(recurse=False)})
             for m in model.modules()
@@ -102,7 +129,7 @@ class LayerwiseGradients:
         for (module, a, _, _, _), g in zip(calls, grads, strict=True):
             if g is None:
                 continue
-            parts = layer_gradients(module, a, g, group)
+            parts = layer_gradients(module, a, g, group, self.workspace)
             for attr, value in parts.items():
                 sl = slices[id(module)][attr]
                 target = out[:, sl].view_as(value)
@@ -118,18 +145,23 @@ class LayerwiseGradients:
 
 
 def layer_gradients(
-    module: nn.Module, a: torch.Tensor, g: torch.Tensor, group: int = 1
+    module: nn.Module,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    group: int = 1,
+    workspace: Workspace | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-group gradients of one layer's parameters.
 
     a: the layer's input [N, ...]; g: ∂(Σ values)/∂output [N, ...]; N = groups × `group`.
     Returns {parameter name: [N / group, *parameter shape] or a layout viewable as
-    [N / group, parameter numel]}.
+    [N / group, parameter numel]}; with a `workspace`, results may live in its buffers and are
+    valid until the next call that uses it.
     """
     if isinstance(module, nn.Linear):
         return linear_gradients(a, g, group, module.bias is not None)
     if isinstance(module, nn.Conv2d):
-        return conv2d_gradients(module, a, g, group)
+        return conv2d_gradients(module, a, g, group, workspace)
     if isinstance(module, nn.GroupNorm):
         return group_norm_gradients(module, a, g, group)
     raise TypeError(f"no per-sample gradient rule for {type(module).__name__}")
@@ -154,12 +186,16 @@ def linear_gradients(
 
 
 def conv2d_gradients(
-    conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, group: int
+    conv: nn.Conv2d,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    group: int,
+    workspace: Workspace | None = None,
 ) -> dict[str, torch.Tensor]:
     """a [N, C, H, W], g [N, O, Ho, Wo] → weight [N / group, O, C, kh·kw] (viewable as the
     weight's [O, C, kh, kw]), bias [N / group, O]."""
     if conv.stride == (1, 1) and conv.kernel_size != (1, 1):
-        weight = _conv_weight_by_offsets(conv, a, g)
+        weight = _conv_weight_by_offsets(conv, a, g, workspace.get if workspace else _fresh)
     else:
         patches = _patches(conv, a)  # [N, C·kh·kw, Ho·Wo]
         weight = torch.bmm(g.flatten(2), patches.transpose(1, 2))
@@ -170,7 +206,9 @@ def conv2d_gradients(
     return parts
 
 
-def _conv_weight_by_offsets(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _conv_weight_by_offsets(
+    conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, scratch: Callable = _fresh
+) -> torch.Tensor:
     """Stride-1 conv weight gradients [N, O, C, kh·kw] without an im2col copy.
 
     The padded input is flattened row-major with row length Wp; the output gradient is padded to
@@ -181,14 +219,20 @@ def _conv_weight_by_offsets(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -
     kh, kw = conv.kernel_size
     dh, dw = conv.dilation
     ph, pw = conv.padding
-    n, _, _, width = a.shape
+    n, channels, height, width = a.shape
     out_channels, ho, wo = g.shape[1:]
     wp = width + 2 * pw
     spill = -(-((kw - 1) * dw) // wp)  # extra zero rows so the last window stays in bounds
-    flat_a = F.pad(a, (pw, pw, ph, ph + spill)).flatten(2)  # [N, C, (Hp + spill)·Wp]
-    flat_g = F.pad(g, (0, wp - wo)).flatten(2)  # [N, O, Ho·Wp], zeros past column Wo
+    padded_a = scratch("conv_a", (n, channels, height + 2 * ph + spill, wp), a)
+    padded_a.zero_()
+    padded_a[:, :, ph : ph + height, pw : pw + width] = a
+    flat_a = padded_a.flatten(2)  # [N, C, (Hp + spill)·Wp]
+    padded_g = scratch("conv_g", (n, out_channels, ho, wp), g)
+    padded_g[..., wo:] = 0
+    padded_g[..., :wo] = g
+    flat_g = padded_g.flatten(2)  # [N, O, Ho·Wp], zeros past column Wo
     length = ho * wp
-    per_offset = torch.empty(kh * kw, n, out_channels, a.shape[1], dtype=a.dtype, device=a.device)
+    per_offset = scratch("conv_w", (kh * kw, n, out_channels, channels), a)
     for i in range(kh):
         for j in range(kw):
             start = i * dh * wp + j * dw
