@@ -19,7 +19,6 @@ import yaml
 
 from diffattr.data import DATASET_NAMES, ImageDataset, load_dataset
 from diffattr.diffusion import LOSS_KINDS, SCHEDULES, UNET_CONFIGS
-from diffattr.gradients import ENGINES
 
 
 @dataclass
@@ -152,7 +151,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gradients", "replay_window"): ("epoch", "interval"),
     ("gradients", "train_grid_at"): ("last", "all"),
     ("gradients", "projection"): ("auto", "sparse", "gaussian", "rademacher", "none"),
-    ("gradients", "engine"): ENGINES,
+    ("gradients", "engine"): ("auto", "layerwise", "vmap"),  # diffattr.gradients.ENGINES
 }
 
 _CIFAR_TRAIN = {

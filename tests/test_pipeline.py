@@ -1,0 +1,69 @@
+"""dvc.yaml: every stage depends on each `diffattr` module its notebook runs, so editing one
+reruns exactly the stages that use it."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffattr import gradients, params
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "diffattr"
+
+
+def _diffattr_imports(source: str) -> set[str]:
+    """Module names `diffattr.X` imported by Python source (absolute imports only)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffattr"):
+            if node.module == "diffattr":
+                found |= {f"diffattr.{alias.name}" for alias in node.names}
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("diffattr.")}
+    return found
+
+
+def _closure(modules: set[str]) -> set[str]:
+    """The modules and every diffattr module they import, transitively."""
+    todo, seen = list(modules), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = PACKAGE / (name.split(".", 1)[1].replace(".", "/") + ".py")
+        todo.extend(_diffattr_imports(path.read_text()))
+    return seen
+
+
+def _notebook_source(path: Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    lines = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    return "\n".join(
+        line for line in "\n".join(lines).splitlines() if not line.startswith(("%", "!"))
+    )
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_deps_cover_the_modules_its_notebook_imports(stage):
+    deps = STAGES[stage]["deps"]
+    notebooks = [d for d in deps if d.startswith("notebooks/")]
+    assert len(notebooks) == 1, f"stage {stage} should depend on exactly one notebook"
+    used = _closure(_diffattr_imports(_notebook_source(ROOT / notebooks[0])))
+    needed = {f"src/diffattr/{m.split('.', 1)[1]}.py" for m in used}
+    missing = sorted(needed - set(deps))
+    assert not missing, f"stage {stage} runs {missing} but does not list them under deps"
+
+
+def test_params_accepts_exactly_the_gradient_engines():
+    assert params.CHOICES[("gradients", "engine")] == gradients.ENGINES
