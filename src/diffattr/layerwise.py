@@ -124,7 +124,7 @@ class LayerwiseGradients:
                     f"a {type(module).__name__} layer's input or output was modified in place "
                     "after the layer ran, so its recorded activations are stale; use engine 'vmap'"
                 )
-        slices = dict((id(m), s) for m, s in self.layers)
+        slices = {id(m): s for m, s in self.layers}
         written: set[tuple[int, int]] = set()
         for (module, a, _, _, _), g in zip(calls, grads, strict=True):
             if g is None:
