@@ -40,3 +40,40 @@ def train_params() -> TrainParams:
     return TrainParams(
         steps=8, batch_size=8, lr=1e-3, warmup_steps=2, checkpoints=[4, 8], resume_every=2
     )
+
+
+# A tiny run of stages 1–2 with unprojected gradients, shared by the attribution tests.
+SMOKE_PIPELINE = {
+    "data": {"max_train": 12},
+    "train": {"steps": 6, "batch_size": 4, "checkpoints": [3, 6], "warmup_steps": 1},
+    "gradients": {
+        "query_timesteps": 2,
+        "query_draws": 2,
+        "heldout_queries": 2,
+        "train_timesteps": 2,
+        "train_grid_at": "all",
+        "profile_timesteps": 4,
+        "profile_samples": 3,
+        "profile_draws": 2,
+        "projection": "none",
+        "ema": False,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory):
+    """(params, train_dir, gradient_dir) of a 6-step run with 2 checkpoints, 2 generated and 2
+    held-out queries, and stores of full (unprojected) gradients."""
+    from diffattr import params as params_lib
+    from diffattr.gradient_stage import run_gradient_stage
+    from diffattr.sampling import save_queries
+    from diffattr.train import train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    P = params_lib.resolve(SMOKE_PIPELINE)
+    train(P.data.load(), P.model, P.train, root / "train", progress=False)
+    g = torch.Generator().manual_seed(5)
+    save_queries(root / "train" / "queries.npz", torch.rand(2, 1, 8, 8, generator=g), [7, 8], {})
+    run_gradient_stage(P, root / "train", root / "gradients", torch.device("cpu"), False)
+    return P, root / "train", root / "gradients"

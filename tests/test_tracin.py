@@ -1,0 +1,122 @@
+"""TracIn / ReTrac / grad-cosine scores equal the paper's formulas evaluated by brute force."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffattr.methods.scores import Scores
+from diffattr.methods.tracin import trajectory_scores
+from diffattr.replay import ReplayLog
+from diffattr.store import load_store
+
+
+def _brute_force(gradient_dir, log, method, side, last_only=False):
+    """Σ_k η_k ⟨G_k(q), T_k(j)⟩ by explicit loops over full (unprojected) gradients."""
+    index = json.loads((gradient_dir / "index.json").read_text())
+    ids = index["train_ids"]
+    stores = [s for s in index["stores"] if s["weights"] == "raw"]
+    stores = stores[-1:] if last_only else stores
+    n_query = len(index["queries"]["kind"])
+    out = np.zeros((n_query, len(ids)))
+    for store in stores:
+        _, a = load_store(gradient_dir / store["path"])
+        for q in range(n_query):
+            per_t = [
+                a["query_features"][q, m].astype(np.float64)
+                for m in range(a["query_features"].shape[1])
+            ]
+            if method == "retrac":
+                per_t = [v / np.linalg.norm(v) for v in per_t]
+            g_q = sum(per_t) / len(per_t)
+            for col, sample in enumerate(ids):
+                if side == "replay":
+                    rows = [
+                        r for r, e in enumerate(a["replay_events"]) if log.sample_id[e] == sample
+                    ]
+                    vecs = [a["replay_features"][r, 0].astype(np.float64) for r in rows]
+                    if method == "retrac":
+                        vecs = [v / np.linalg.norm(v) for v in vecs]
+                    t_j = sum(vecs) if vecs else np.zeros_like(g_q)
+                else:
+                    vecs = [a["train_grid_features"][col, m].astype(np.float64) for m in range(2)]
+                    if method == "retrac":
+                        vecs = [v / np.linalg.norm(v) for v in vecs]
+                    t_j = sum(vecs) / len(vecs)
+                if method == "cosine":
+                    value = g_q @ t_j / (np.linalg.norm(g_q) * np.linalg.norm(t_j))
+                else:
+                    value = g_q @ t_j
+                out[q, col] += store["lr"] * value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "side", "last_only"),
+    [
+        ("tracin", "replay", False),
+        ("retrac", "replay", False),
+        ("cosine", "replay", False),
+        ("tracin", "grid", True),
+        ("retrac", "grid", False),
+    ],
+)
+def test_scores_equal_the_formula_by_brute_force(smoke_pipeline, method, side, last_only):
+    _, train_dir, gradient_dir = smoke_pipeline
+    log = ReplayLog.load(train_dir / "replay_log.npz")
+    scores = trajectory_scores(gradient_dir, log, method, side, "last" if last_only else "all")
+    expected = _brute_force(gradient_dir, log, method, side, last_only)
+    # ReTrac divides by the float32 norms recorded at extraction (exact up to float32 rounding,
+    # ~1e-5 relative), the reference by float64 norms of the stored vectors.
+    rtol = 1e-4 if method == "retrac" else 1e-9
+    np.testing.assert_allclose(scores.values, expected, rtol=rtol, atol=1e-12)
+    assert scores.values.shape == (4, 12)
+    assert [c["step"] for c in scores.settings["checkpoints"]] == ([6] if last_only else [3, 6])
+
+
+def test_retrac_uses_the_exact_norms_recorded_before_projection(smoke_pipeline):
+    """With projection none, the stored norms are the feature vectors' own norms."""
+    _, _, gradient_dir = smoke_pipeline
+    _, a = load_store(gradient_dir / "raw_step_0000006")
+    np.testing.assert_allclose(
+        np.linalg.norm(a["query_features"], axis=-1), a["query_norm"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.linalg.norm(a["replay_features"], axis=-1), a["replay_norm"], rtol=1e-5
+    )
+
+
+def test_unknown_names_and_a_foreign_replay_log_are_refused(smoke_pipeline):
+    _, train_dir, gradient_dir = smoke_pipeline
+    log = ReplayLog.load(train_dir / "replay_log.npz")
+    with pytest.raises(ValueError, match="choose one of"):
+        trajectory_scores(gradient_dir, log, "trak")
+    with pytest.raises(ValueError, match="choose one of"):
+        trajectory_scores(gradient_dir, log, "tracin", "uniform")
+    log.sample_id = log.sample_id + 10_000
+    with pytest.raises(ValueError, match="another run"):
+        trajectory_scores(gradient_dir, log, "tracin")
+    with pytest.raises(FileNotFoundError, match="gradients stage"):
+        trajectory_scores(gradient_dir / "missing", log)
+
+
+def test_scores_round_trip_with_their_settings(smoke_pipeline, tmp_path):
+    _, train_dir, gradient_dir = smoke_pipeline
+    scores = trajectory_scores(gradient_dir, ReplayLog.load(train_dir / "replay_log.npz"))
+    scores.save(tmp_path / "tracin")
+    back = Scores.load(tmp_path / "tracin")
+    np.testing.assert_array_equal(back.values, scores.values)
+    np.testing.assert_array_equal(back.train_ids, scores.train_ids)
+    assert back.query_kind.tolist() == ["generated"] * 2 + ["heldout"] * 2
+    assert back.settings == json.loads(json.dumps(scores.settings))
+    assert back.select("heldout").values.shape == (2, 12)
+
+
+def test_scores_with_nan_or_wrong_shape_are_refused():
+    ids, kinds, keys = np.arange(3), np.array(["generated"] * 2), np.arange(2)
+    with pytest.raises(ValueError, match="rows \\[1\\]"):
+        Scores(np.array([[0.0, 1, 2], [np.nan, 0, 0]]), ids, kinds, keys, {})
+    with pytest.raises(ValueError, match="disagree"):
+        Scores(np.zeros((2, 2)), ids, kinds, keys, {})
