@@ -9,6 +9,7 @@ import numpy as np
 import papermill as pm
 import pytest
 
+from diffattr.methods.scores import Scores
 from diffattr.store import load_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +108,24 @@ def test_gradients_notebook_writes_complete_stores_with_exact_norms(gradients):
     assert metrics["gradients"] > 0 and metrics["n_params"] == raw_settings["n_params"]
     for name in ("norm_over_t_one_sample", "norm_profile"):
         assert (gradients / "reports" / "02_gradients" / "figures" / f"{name}.png").exists()
+
+
+@pytest.mark.notebook
+def test_timestep_bias_notebook_saves_scores_figures_and_metrics(gradients):
+    run_stage(
+        "03_timestep_bias",
+        gradients,
+        train_dir="data/train",
+        gradient_dir="data/gradients",
+        scores_dir="data/scores",
+        report_dir="reports/03_timestep_bias",
+    )
+    scores = Scores.load(gradients / "data" / "scores" / "tracin")
+    assert scores.values.shape == (6, 40) and scores.settings["method"] == "tracin"
+    assert Scores.load(gradients / "data" / "scores" / "retrac").settings["method"] == "retrac"
+    report = gradients / "reports" / "03_timestep_bias"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["spearman_norm_vs_topk"]) == {"tracin", "retrac"}
+    assert {row["queries"] for row in metrics["per_query_kind"]} == {"generated", "heldout"}
+    for name in ("norm_profile_band", "norm_vs_topk", "replayed_t_of_proponents"):
+        assert (report / "figures" / f"{name}.png").stat().st_size > 1000

@@ -30,6 +30,13 @@ def _diffattr_imports(source: str) -> set[str]:
     return found
 
 
+def _module_path(name: str) -> Path:
+    """src/diffattr/... file of module `diffattr.X.Y` (a package's __init__.py)."""
+    relative = Path(*name.split(".")[1:])
+    package = PACKAGE / relative / "__init__.py"
+    return package if package.exists() else PACKAGE / relative.with_suffix(".py")
+
+
 def _closure(modules: set[str]) -> set[str]:
     """The modules and every diffattr module they import, transitively."""
     todo, seen = list(modules), set()
@@ -38,8 +45,9 @@ def _closure(modules: set[str]) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        path = PACKAGE / (name.split(".", 1)[1].replace(".", "/") + ".py")
-        todo.extend(_diffattr_imports(path.read_text()))
+        todo.extend(_diffattr_imports(_module_path(name).read_text()))
+        if "." in name.split(".", 1)[1]:  # a submodule runs its package's __init__ too
+            todo.append(name.rsplit(".", 1)[0])
     return seen
 
 
@@ -60,7 +68,7 @@ def test_stage_deps_cover_the_modules_its_notebook_imports(stage):
     notebooks = [d for d in deps if d.startswith("notebooks/")]
     assert len(notebooks) == 1, f"stage {stage} should depend on exactly one notebook"
     used = _closure(_diffattr_imports(_notebook_source(ROOT / notebooks[0])))
-    needed = {f"src/diffattr/{m.split('.', 1)[1]}.py" for m in used}
+    needed = {str(_module_path(m).relative_to(ROOT)) for m in used}
     missing = sorted(needed - set(deps))
     assert not missing, f"stage {stage} runs {missing} but does not list them under deps"
 

@@ -102,6 +102,17 @@ class GradientParams:
 
 
 @dataclass
+class AttributionParams:
+    top_k: int = 10  # proponents per query counted by the specificity metrics
+    tau: float = 0.5  # "generally influential": in the top-k of at least this share of queries
+    band_quantile: float = 0.75  # the large-norm band: timesteps whose mean ‖g‖ is above this
+    #                              quantile of the norm profile (the top quartile)
+    train_side: str = "replay"  # TracIn's training side: replay (the paper) | grid
+    sweep_k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    sweep_tau: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+
+@dataclass
 class Params:
     profile: str = "digits"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -110,6 +121,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     sample: SampleParams = field(default_factory=SampleParams)
     gradients: GradientParams = field(default_factory=GradientParams)
+    attribution: AttributionParams = field(default_factory=AttributionParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,6 +152,7 @@ SECTIONS = {
     "train": TrainParams,
     "sample": SampleParams,
     "gradients": GradientParams,
+    "attribution": AttributionParams,
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -152,6 +165,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gradients", "train_grid_at"): ("last", "all"),
     ("gradients", "projection"): ("auto", "sparse", "gaussian", "rademacher", "none"),
     ("gradients", "engine"): ("auto", "layerwise", "vmap"),  # diffattr.gradients.ENGINES
+    ("attribution", "train_side"): ("replay", "grid"),
 }
 
 _CIFAR_TRAIN = {
@@ -298,7 +312,29 @@ def resolve(raw: dict | None = None, overrides: dict | None = None) -> Params:
         **{name: cls(**values[name]) for name, cls in SECTIONS.items()},
     )
     params.gradient_checkpoint_steps()  # validates both checkpoint lists
+    _check_attribution(params.attribution)
     return params
+
+
+def _check_attribution(a: AttributionParams) -> None:
+    """Shares in (0, 1], quantile in (0, 1), sweep lists of positive ints / shares."""
+    for name, value in (
+        ("tau", a.tau),
+        *((f"sweep_tau[{i}]", v) for i, v in enumerate(a.sweep_tau)),
+    ):
+        if not 0 < _as_float(f"attribution.{name}", value) <= 1:
+            raise ValueError(f"attribution.{name} must be a share in (0, 1], got {value!r}")
+    if not 0 < a.band_quantile < 1:
+        raise ValueError(f"attribution.band_quantile must lie in (0, 1), got {a.band_quantile!r}")
+    a.sweep_tau = [float(v) for v in a.sweep_tau]
+    if not a.sweep_k or not all(
+        isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in a.sweep_k
+    ):
+        raise ValueError(
+            f"attribution.sweep_k must be a list of positive integers, got {a.sweep_k!r}"
+        )
+    if not a.sweep_tau:
+        raise ValueError("attribution.sweep_tau must list at least one share")
 
 
 def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:

@@ -127,10 +127,15 @@ def norm_over_t(
     return fig
 
 
-def norm_profiles(grid: np.ndarray, profiles: dict[int, np.ndarray]) -> plt.Figure:
+def norm_profiles(
+    grid: np.ndarray,
+    profiles: dict[int, np.ndarray],
+    band_spans: Sequence[Sequence[int]] | None = None,
+) -> plt.Figure:
     """Mean ‖g‖ over t with a 10–90% band, one line per checkpoint.
 
-    profiles: checkpoint step → norms [n_samples, len(grid), draws].
+    profiles: checkpoint step → norms [n_samples, len(grid), draws]. band_spans: [start, stop)
+    timestep intervals to shade (the large-norm band).
     """
     frames = []
     for step, norms in sorted(profiles.items()):
@@ -157,6 +162,61 @@ def norm_profiles(grid: np.ndarray, profiles: dict[int, np.ndarray]) -> plt.Figu
         palette="viridis",
     )
     ax.set(yscale="log", xlabel="timestep t", ylabel=r"$\|\nabla_\theta \ell\|_2$ (mean, 10–90%)")
+    _shade(ax, band_spans)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _shade(ax: plt.Axes, spans: Sequence[Sequence[int]] | None, label: str = "large-norm band"):
+    for i, (start, stop) in enumerate(spans or []):
+        ax.axvspan(start, stop, color="tab:red", alpha=0.1, lw=0, label=label if i == 0 else None)
+
+
+def norm_vs_topk(
+    norm_mass: np.ndarray, counts: dict[str, np.ndarray], rho: dict[str, float], k: int
+) -> plt.Figure:
+    """One panel per method: each training sample's replayed-gradient norm mass [N] (log x)
+    against the number of queries whose top-k it is in (counts: method → [N])."""
+    fig, axes = plt.subplots(1, len(counts), figsize=(3.3 * len(counts), 3.0), sharey=False)
+    axes = np.atleast_1d(axes)
+    jitter = np.random.default_rng(0).uniform(-0.2, 0.2, len(norm_mass))
+    for ax, (method, count) in zip(axes, counts.items(), strict=True):
+        ax.scatter(norm_mass, count + jitter, s=6, alpha=0.5, lw=0, color="tab:blue")
+        ax.set(
+            xscale="log",
+            xlabel=r"replayed-gradient norm mass $\sum_k \eta_k \|g\|$",
+            ylabel=f"# queries with j in top-{k}",
+            title=f"{method}: Spearman ρ = {rho[method]:+.2f}",
+        )
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor log labels overlap
+    fig.tight_layout()
+    return fig
+
+
+def replayed_t_of_proponents(
+    t: np.ndarray,
+    weights: dict[str, np.ndarray],
+    spans: Sequence[Sequence[int]] | None,
+    num_train_timesteps: int = 1000,
+) -> plt.Figure:
+    """Density of the replayed timestep t [N] of each training sample, weighted per curve
+    (weights: label → [N], e.g. top-k counts per method; uniform weights = all samples)."""
+    fig, ax = plt.subplots(figsize=(6, 3.0))
+    bins = np.linspace(0, num_train_timesteps, 21)
+    has_t = t >= 0
+    for label, w in weights.items():
+        ax.hist(
+            t[has_t],
+            bins=bins,
+            weights=w[has_t],
+            density=True,
+            histtype="step",
+            lw=1.8,
+            label=label,
+        )
+    _shade(ax, spans)
+    ax.set(xlabel="replayed timestep t (last checkpoint's window)", ylabel="density")
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig

@@ -1,0 +1,109 @@
+"""The timestep-induced norm bias ([ReTrac] §4): where gradient norms are large, and which
+training samples' replayed draws fell there.
+
+The norm profile of a checkpoint is the mean exact ‖g(θ_k; x, t, ε)‖ over profile samples and
+noise draws at each timestep of a fine grid; its *large-norm band* is the set of grid timesteps
+whose mean norm is in the top quartile (`quantile` 0.75) of the profile. A replayed draw is in
+the band when its t falls in a band cell (cells are the grid's evenly spaced bins of [0, T)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffattr.methods.tracin import _positions, load_index, trajectory_stores
+from diffattr.replay import ReplayLog
+from diffattr.store import load_store
+
+
+def profile_norms(arrays: dict[str, np.ndarray], n_timesteps: int, draws: int) -> np.ndarray:
+    """A store's `profile_norm` [n_samples, M·draws] as [n_samples, M, draws]."""
+    norms = np.asarray(arrays["profile_norm"], np.float64)
+    return norms.reshape(norms.shape[0], n_timesteps, draws)
+
+
+def large_norm_band(mean_norm: np.ndarray, quantile: float = 0.75) -> np.ndarray:
+    """[M] bool: grid timesteps whose mean norm [M] is at or above the profile's quantile."""
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    return mean_norm >= np.quantile(mean_norm, quantile)
+
+
+def grid_cell(t: np.ndarray, n_cells: int, num_train_timesteps: int) -> np.ndarray:
+    """Index [E] of the evenly spaced grid cell of [0, T) each timestep t [E] falls in."""
+    return np.minimum((np.asarray(t, np.int64) * n_cells) // num_train_timesteps, n_cells - 1)
+
+
+def band_interval(grid: np.ndarray, band: np.ndarray, num_train_timesteps: int) -> list[list[int]]:
+    """The band as sorted, merged [start, stop) timestep intervals of its grid cells."""
+    edges = np.linspace(0, num_train_timesteps, len(grid) + 1).round().astype(int)
+    spans: list[list[int]] = []
+    for cell in np.flatnonzero(band):
+        start, stop = int(edges[cell]), int(edges[cell + 1])
+        if spans and spans[-1][1] == start:
+            spans[-1][1] = stop
+        else:
+            spans.append([start, stop])
+    return spans
+
+
+@dataclass
+class ReplayNorms:
+    """Per training sample, over the trajectory checkpoints used (each with its own band).
+
+    norm_mass: [N] Σ_k η_k Σ_{e ∈ R_k(j)} ‖g_e‖ — the weight TracIn's sum gives sample j's norms.
+    band_share: [N] share of j's replayed draws whose t was in its checkpoint's large-norm band
+      (nan for a sample with no draw in any window).
+    last_t, last_norm: [N] the timestep and exact norm of j's last replayed draw before the last
+      checkpoint (−1 and nan if none).
+    bands: checkpoint step → [M] bool band on the profile grid; mean_profiles: step → [M].
+    """
+
+    train_ids: np.ndarray
+    norm_mass: np.ndarray
+    band_share: np.ndarray
+    last_t: np.ndarray
+    last_norm: np.ndarray
+    bands: dict[int, np.ndarray]
+    mean_profiles: dict[int, np.ndarray]
+
+
+def replay_norms(
+    gradient_dir: str | Path,
+    log: ReplayLog,
+    quantile: float = 0.75,
+    checkpoints: str = "all",
+    num_train_timesteps: int = 1000,
+) -> ReplayNorms:
+    """Exact replayed-gradient norms and band membership per training sample (see ReplayNorms)."""
+    gradient_dir = Path(gradient_dir)
+    index = load_index(gradient_dir)
+    train_ids = np.asarray(index["train_ids"], np.int64)
+    grid = np.asarray(index["timesteps"]["profile"])
+    draws = int(index["profile_draws"])
+    n = len(train_ids)
+    norm_mass, in_band, events_seen = np.zeros(n), np.zeros(n), np.zeros(n)
+    last_t, last_norm = np.full(n, -1, np.int64), np.full(n, np.nan)
+    bands, means = {}, {}
+    for store in trajectory_stores(index, checkpoints):
+        _, arrays = load_store(gradient_dir / store["path"])
+        mean = profile_norms(arrays, len(grid), draws).mean(axis=(0, 2))
+        band = large_norm_band(mean, quantile)
+        bands[store["step"]], means[store["step"]] = band, mean
+        events = np.asarray(arrays["replay_events"])
+        columns = _positions(train_ids, log.sample_id[events])
+        norms = np.asarray(arrays["replay_norm"][:, 0], np.float64)
+        t = log.t[events].astype(np.int64)
+        np.add.at(norm_mass, columns, float(store["lr"]) * norms)
+        np.add.at(in_band, columns, band[grid_cell(t, len(grid), num_train_timesteps)])
+        np.add.at(events_seen, columns, 1)
+        # The last draw before the last checkpoint: events are in step order within a window.
+        order = np.argsort(log.step[events], kind="stable")
+        last_t[columns[order]] = t[order]
+        last_norm[columns[order]] = norms[order]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        band_share = np.where(events_seen > 0, in_band / events_seen, np.nan)
+    return ReplayNorms(train_ids, norm_mass, band_share, last_t, last_norm, bands, means)

@@ -1,0 +1,58 @@
+"""The large-norm band and per-sample replayed-norm bookkeeping against direct computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffattr.replay import ReplayLog
+from diffattr.store import load_store
+from diffattr.timestep_bias import band_interval, grid_cell, large_norm_band, replay_norms
+
+
+def test_band_is_the_top_quartile_of_the_mean_profile():
+    mean = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2])
+    assert large_norm_band(mean, 0.75).tolist() == [True, True] + [False] * 6
+    assert large_norm_band(mean[::-1], 0.5).sum() == 4
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        large_norm_band(mean, 1.0)
+
+
+def test_timesteps_map_to_their_grid_cells_and_cells_to_intervals():
+    assert grid_cell(np.array([0, 49, 50, 999]), 20, 1000).tolist() == [0, 0, 1, 19]
+    grid = np.arange(20) * 50 + 25
+    band = np.zeros(20, bool)
+    band[[0, 1, 2, 7, 19]] = True
+    assert band_interval(grid, band, 1000) == [[0, 150], [350, 400], [950, 1000]]
+
+
+def test_replay_norms_match_a_per_event_loop(smoke_pipeline):
+    P, train_dir, gradient_dir = smoke_pipeline
+    log = ReplayLog.load(train_dir / "replay_log.npz")
+    result = replay_norms(gradient_dir, log, 0.5)
+    index = json.loads((gradient_dir / "index.json").read_text())
+    grid = index["timesteps"]["profile"]
+    ids = index["train_ids"]
+    mass, hits, seen = {j: 0.0 for j in ids}, {j: 0 for j in ids}, {j: 0 for j in ids}
+    last = {}
+    for store in [s for s in index["stores"] if s["weights"] == "raw"]:
+        _, a = load_store(gradient_dir / store["path"])
+        per_t = a["profile_norm"].reshape(-1, len(grid), index["profile_draws"]).mean(axis=(0, 2))
+        band = per_t >= np.median(per_t)
+        for row, event in enumerate(a["replay_events"]):
+            j, t = int(log.sample_id[event]), int(log.t[event])
+            norm = float(a["replay_norm"][row, 0])
+            mass[j] += store["lr"] * norm
+            hits[j] += bool(band[min(t * len(grid) // 1000, len(grid) - 1)])
+            seen[j] += 1
+            if store is index["stores"][-1] or store["step"] == max(
+                s["step"] for s in index["stores"]
+            ):
+                last[j] = (t, norm, int(log.step[event]))
+    np.testing.assert_allclose(result.norm_mass, [mass[j] for j in ids], rtol=1e-12)
+    expected_share = [hits[j] / seen[j] if seen[j] else np.nan for j in ids]
+    np.testing.assert_allclose(result.band_share, expected_share, rtol=1e-12)
+    assert result.last_t.tolist() == [last[j][0] if j in last else -1 for j in ids]
+    assert sorted(result.bands) == [3, 6]
