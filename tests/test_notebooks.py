@@ -129,3 +129,31 @@ def test_timestep_bias_notebook_saves_scores_figures_and_metrics(gradients):
     assert {row["queries"] for row in metrics["per_query_kind"]} == {"generated", "heldout"}
     for name in ("norm_profile_band", "norm_vs_topk", "replayed_t_of_proponents"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.notebook
+def test_retrac_notebook_compares_methods_and_writes_metrics(gradients):
+    if not (gradients / "data" / "scores" / "tracin.npz").exists():
+        run_stage(
+            "03_timestep_bias",
+            gradients,
+            train_dir="data/train",
+            gradient_dir="data/gradients",
+            scores_dir="data/scores",
+            report_dir="reports/03_timestep_bias",
+        )
+    run_stage(
+        "04_retrac",
+        gradients,
+        train_dir="data/train",
+        gradient_dir="data/gradients",
+        scores_dir="data/scores",
+        report_dir="reports/04_retrac",
+    )
+    report = gradients / "reports" / "04_retrac"
+    metrics = json.loads((report / "metrics.json").read_text())
+    methods = {row["method"] for row in metrics["specificity"]}
+    assert methods == {"tracin", "retrac", "pixel cosine", "random"}
+    assert set(metrics["image_tracing"]) == {"tracin", "retrac"}
+    for name in ("specificity", "top_proponents"):
+        assert (report / "figures" / f"{name}.png").stat().st_size > 1000

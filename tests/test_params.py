@@ -63,3 +63,18 @@ def test_the_repository_params_file_resolves(tmp_path):
     path.write_text(yaml.safe_dump({"profile": "celeba"}))
     assert load(path).data.image_size == 64
     assert load(tmp_path / "missing.yaml").profile == "digits"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"attribution": {"tau": 0}}, r"\(0, 1\]"),
+        ({"attribution": {"sweep_tau": [0.5, 1.5]}}, r"sweep_tau\[1\]"),
+        ({"attribution": {"band_quantile": 1}}, r"\(0, 1\)"),
+        ({"attribution": {"sweep_k": [5, 0]}}, "positive integers"),
+        ({"attribution": {"train_side": "uniform"}}, "replay, grid"),
+    ],
+)
+def test_attribution_settings_are_checked(raw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        resolve(raw)

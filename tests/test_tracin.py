@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffattr.methods.scores import Scores
-from diffattr.methods.tracin import trajectory_scores
+from diffattr.methods.tracin import training_image_scores, trajectory_scores
 from diffattr.replay import ReplayLog
 from diffattr.store import load_store
 
@@ -120,3 +120,31 @@ def test_scores_with_nan_or_wrong_shape_are_refused():
         Scores(np.array([[0.0, 1, 2], [np.nan, 0, 0]]), ids, kinds, keys, {})
     with pytest.raises(ValueError, match="disagree"):
         Scores(np.zeros((2, 2)), ids, kinds, keys, {})
+
+
+@pytest.mark.parametrize("method", ["tracin", "retrac"])
+def test_image_tracing_scores_equal_the_formula_at_the_last_checkpoint(smoke_pipeline, method):
+    _, train_dir, gradient_dir = smoke_pipeline
+    log = ReplayLog.load(train_dir / "replay_log.npz")
+    scores = training_image_scores(gradient_dir, log, method, n_queries=5)
+    _, a = load_store(gradient_dir / "raw_step_0000006")
+    index = json.loads((gradient_dir / "index.json").read_text())
+    lr = next(s["lr"] for s in index["stores"] if s["path"] == "raw_step_0000006")
+    ids = scores.train_ids.tolist()
+    rows = scores.settings["self_columns"]
+    assert scores.query_key.tolist() == [ids[r] for r in rows] and len(rows) == 5
+    for qi, row in enumerate(rows):
+        per_t = [a["train_grid_features"][row, m].astype(np.float64) for m in range(2)]
+        if method == "retrac":
+            per_t = [v / np.linalg.norm(v) for v in per_t]
+        g_q = sum(per_t) / 2
+        for col, sample in enumerate(ids):
+            vecs = [
+                a["replay_features"][r, 0].astype(np.float64)
+                for r, e in enumerate(a["replay_events"])
+                if log.sample_id[e] == sample
+            ]
+            if method == "retrac":
+                vecs = [v / np.linalg.norm(v) for v in vecs]
+            expected = lr * g_q @ sum(vecs)
+            np.testing.assert_allclose(scores.values[qi, col], expected, rtol=1e-4)

@@ -220,3 +220,54 @@ def replayed_t_of_proponents(
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def specificity_curves(sweep: pd.DataFrame, tau: float, k: int) -> plt.Figure:
+    """Unique ratio against k (at `tau`) and generally influential count against τ (at `k`),
+    one line per method. sweep: rows with method, k, tau, unique_ratio, generally_influential."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.0))
+    at_tau = sweep[np.isclose(sweep["tau"], tau)]
+    sns.lineplot(at_tau, x="k", y="unique_ratio", hue="method", marker="o", ax=left)
+    left.set(xscale="log", xlabel="top-k", ylabel="unique ratio U (higher = more specific)")
+    left.set_xticks(sorted(at_tau["k"].unique()))
+    left.xaxis.set_major_formatter(plt.ScalarFormatter())
+    left.xaxis.set_minor_formatter(plt.NullFormatter())
+    at_k = sweep[sweep["k"] == k]
+    sns.lineplot(at_k, x="tau", y="generally_influential", hue="method", marker="o", ax=right)
+    right.set(xlabel="τ (share of queries)", ylabel=f"generally influential (top-{k})")
+    for ax in (left, right):
+        ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def proponents(
+    queries: torch.Tensor,
+    rows: dict[str, torch.Tensor],
+    query_titles: Sequence[str] | None = None,
+    cell: float = 0.8,
+) -> plt.Figure:
+    """Each query [Q, C, H, W] beside its top proponents per method (rows: method →
+    [Q, k, C, H, W], best first); one figure row per query, methods side by side."""
+    n_query = len(queries)
+    k = next(iter(rows.values())).shape[1]
+    ncols = 1 + len(rows) * (k + 1)
+    fig, axes = plt.subplots(
+        n_query, ncols, figsize=(cell * ncols, cell * n_query + 0.4), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for q in range(n_query):
+        image, cmap = _to_display(queries[q])
+        axes[q, 0].imshow(image, cmap=cmap, vmin=0, vmax=1)
+        if query_titles is not None:
+            axes[q, 0].set_title(query_titles[q], fontsize=7)
+        for m, (method, images) in enumerate(rows.items()):
+            start = 1 + m * (k + 1) + 1
+            for r in range(k):
+                image, cmap = _to_display(images[q, r])
+                axes[q, start + r].imshow(image, cmap=cmap, vmin=0, vmax=1)
+                if q == 0:
+                    axes[q, start + r].set_title(f"{method} #{r + 1}", fontsize=7)
+    fig.tight_layout(pad=0.2)
+    return fig

@@ -166,3 +166,51 @@ def trajectory_scores(
             "sign": "score > 0: proponent (training on j lowered the query's loss)",
         },
     )
+
+
+def training_image_scores(
+    gradient_dir: str | Path,
+    log: ReplayLog,
+    method: str = "tracin",
+    n_queries: int = 64,
+) -> Scores:
+    """Image tracing: training images as queries, scored against every training sample at the
+    last checkpoint (its only store with training images on a timestep grid by default).
+
+    Query side: the training image's grid gradients at θ_K (averaged over the grid, normalised
+    per timestep for ReTrac); training side: the replayed draws of θ_K's window. A method that
+    traces images should rank each query's own training sample first. Returns [n_queries, N]
+    scores; query_key holds the training ids, query_kind "train".
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    gradient_dir = Path(gradient_dir)
+    index = load_index(gradient_dir)
+    train_ids = np.asarray(index["train_ids"], np.int64)
+    store = trajectory_stores(index, "last")[0]
+    settings, arrays = load_store(gradient_dir / store["path"])
+    if "train_grid_features" not in arrays:
+        raise ValueError(f"checkpoint {store['step']} has no training-grid gradients")
+    rows = np.linspace(0, len(train_ids) - 1, min(n_queries, len(train_ids))).astype(np.int64)
+    feats = arrays["train_grid_features"][rows].astype(np.float64)
+    if method == "retrac":
+        norms = arrays["train_grid_norm"][rows].astype(np.float64)
+        feats = _unit(feats, norms, "train grid gradients")
+    q = feats.mean(axis=1)
+    t = train_side(arrays, method, "replay", log, train_ids, store["step"])
+    if method == "cosine":
+        q, t = _cosine_rows(q), _cosine_rows(t)
+    return Scores(
+        values=float(store["lr"]) * (q @ t.T),
+        train_ids=train_ids,
+        query_kind=np.full(len(rows), "train"),
+        query_key=train_ids[rows],
+        settings={
+            "method": method,
+            "evaluation": "image tracing (training images as queries)",
+            "checkpoints": [{"step": store["step"], "lr": store["lr"]}],
+            "query_timesteps": index["timesteps"]["train"],
+            "projection": settings["projection"],
+            "self_columns": rows.tolist(),
+        },
+    )
