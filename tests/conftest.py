@@ -45,7 +45,7 @@ def train_params() -> TrainParams:
 # A tiny run of stages 1–2 with unprojected gradients, shared by the attribution tests.
 SMOKE_PIPELINE = {
     "data": {"max_train": 12},
-    "train": {"steps": 6, "batch_size": 4, "checkpoints": [3, 6], "warmup_steps": 1},
+    "train": {"steps": 6, "batch_size": 4, "checkpoints": [2, 6], "warmup_steps": 1},
     "gradients": {
         "query_timesteps": 2,
         "query_draws": 2,
@@ -77,3 +77,19 @@ def smoke_pipeline(tmp_path_factory):
     save_queries(root / "train" / "queries.npz", torch.rand(2, 1, 8, 8, generator=g), [7, 8], {})
     run_gradient_stage(P, root / "train", root / "gradients", torch.device("cpu"), False)
     return P, root / "train", root / "gradients"
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline_interval(smoke_pipeline):
+    """The same run with gradients over the "interval" replay window: every step since the
+    previous checkpoint, so samples have 0, 1 or several draws per window."""
+    from diffattr import params as params_lib
+    from diffattr.gradient_stage import run_gradient_stage
+
+    _, train_dir, gradient_dir = smoke_pipeline
+    overrides = {**SMOKE_PIPELINE, "gradients": {**SMOKE_PIPELINE["gradients"]}}
+    overrides["gradients"]["replay_window"] = "interval"
+    P = params_lib.resolve(overrides)
+    out = gradient_dir.parent / "gradients_interval"
+    run_gradient_stage(P, train_dir, out, torch.device("cpu"), False)
+    return P, train_dir, out

@@ -65,7 +65,9 @@ def test_linear_rule_matches_an_autograd_loop(shape, group):
         torch.testing.assert_close(parts[k].reshape(want.shape), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(4, 6, 5, 5), (4, 6, 7)], ids=["image", "sequence"])
+@pytest.mark.parametrize(
+    "shape", [(4, 6, 5, 5), (4, 6, 7), (4, 6)], ids=["image", "sequence", "vector"]
+)
 def test_group_norm_rule_matches_an_autograd_loop(shape):
     torch.manual_seed(2)
     norm = nn.GroupNorm(3, 6)
@@ -158,3 +160,26 @@ def test_unsupported_layers_are_named_and_auto_falls_back_to_vmap():
     assert resolve_engine("auto", nn.Sequential(nn.Linear(2, 2), nn.GroupNorm(1, 2))) == "layerwise"
     with pytest.raises(ValueError, match="choose one of"):
         resolve_engine("backpack", model)
+
+
+def test_a_layer_that_sees_other_rows_is_refused():
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.cat([x, x]))  # the layer runs on twice the rows
+
+    net = Doubling()
+    engine = LayerwiseGradients(net)
+    with pytest.raises(ValueError, match="ran on 8 rows, expected 4"):
+        engine(lambda: net(torch.randn(4, 3)).sum(), group=1, out=torch.empty(4, engine.dim))
+
+
+def test_layers_with_other_parameter_names_are_unsupported():
+    lin = nn.Linear(3, 3)
+    lin.register_parameter("scale", nn.Parameter(torch.ones(3)))
+    assert unsupported_modules(nn.Sequential(lin)) == [
+        "0 (Linear with parameters ['bias', 'scale', 'weight'])"
+    ]

@@ -28,8 +28,9 @@ def test_timesteps_map_to_their_grid_cells_and_cells_to_intervals():
     assert band_interval(grid, band, 1000) == [[0, 150], [350, 400], [950, 1000]]
 
 
-def test_replay_norms_match_a_per_event_loop(smoke_pipeline):
-    P, train_dir, gradient_dir = smoke_pipeline
+@pytest.mark.parametrize("fixture", ["smoke_pipeline", "smoke_pipeline_interval"])
+def test_replay_norms_match_a_per_event_loop(request, fixture):
+    _, train_dir, gradient_dir = request.getfixturevalue(fixture)
     log = ReplayLog.load(train_dir / "replay_log.npz")
     result = replay_norms(gradient_dir, log, 0.5)
     index = json.loads((gradient_dir / "index.json").read_text())
@@ -47,12 +48,14 @@ def test_replay_norms_match_a_per_event_loop(smoke_pipeline):
             mass[j] += store["lr"] * norm
             hits[j] += bool(band[min(t * len(grid) // 1000, len(grid) - 1)])
             seen[j] += 1
-            if store is index["stores"][-1] or store["step"] == max(
-                s["step"] for s in index["stores"]
-            ):
+            if j not in last or log.step[event] >= last[j][2]:
                 last[j] = (t, norm, int(log.step[event]))
     np.testing.assert_allclose(result.norm_mass, [mass[j] for j in ids], rtol=1e-12)
     expected_share = [hits[j] / seen[j] if seen[j] else np.nan for j in ids]
     np.testing.assert_allclose(result.band_share, expected_share, rtol=1e-12)
     assert result.last_t.tolist() == [last[j][0] if j in last else -1 for j in ids]
-    assert sorted(result.bands) == [3, 6]
+    np.testing.assert_allclose(
+        result.last_norm, [last[j][1] if j in last else np.nan for j in ids], rtol=1e-12
+    )
+    np.testing.assert_array_equal(result.draws, [seen[j] for j in ids])
+    assert sorted(result.bands) == [2, 6]

@@ -45,8 +45,9 @@ def _brute_force(gradient_dir, log, method, side, last_only=False):
                     if method == "retrac":
                         vecs = [v / np.linalg.norm(v) for v in vecs]
                     t_j = sum(vecs) / len(vecs)
-                if method == "cosine":
-                    value = g_q @ t_j / (np.linalg.norm(g_q) * np.linalg.norm(t_j))
+                if method == "cosine":  # a sample without a draw in the window adds 0
+                    denominator = np.linalg.norm(g_q) * np.linalg.norm(t_j)
+                    value = g_q @ t_j / denominator if denominator else 0.0
                 else:
                     value = g_q @ t_j
                 out[q, col] += store["lr"] * value
@@ -63,8 +64,10 @@ def _brute_force(gradient_dir, log, method, side, last_only=False):
         ("retrac", "grid", False),
     ],
 )
-def test_scores_equal_the_formula_by_brute_force(smoke_pipeline, method, side, last_only):
-    _, train_dir, gradient_dir = smoke_pipeline
+@pytest.mark.parametrize("window", ["epoch", "interval"])
+def test_scores_equal_the_formula_by_brute_force(request, window, method, side, last_only):
+    fixture = "smoke_pipeline" if window == "epoch" else "smoke_pipeline_interval"
+    _, train_dir, gradient_dir = request.getfixturevalue(fixture)
     log = ReplayLog.load(train_dir / "replay_log.npz")
     scores = trajectory_scores(gradient_dir, log, method, side, "last" if last_only else "all")
     expected = _brute_force(gradient_dir, log, method, side, last_only)
@@ -73,7 +76,7 @@ def test_scores_equal_the_formula_by_brute_force(smoke_pipeline, method, side, l
     rtol = 1e-4 if method == "retrac" else 1e-9
     np.testing.assert_allclose(scores.values, expected, rtol=rtol, atol=1e-12)
     assert scores.values.shape == (4, 12)
-    assert [c["step"] for c in scores.settings["checkpoints"]] == ([6] if last_only else [3, 6])
+    assert [c["step"] for c in scores.settings["checkpoints"]] == ([6] if last_only else [2, 6])
 
 
 def test_retrac_uses_the_exact_norms_recorded_before_projection(smoke_pipeline):
@@ -148,3 +151,23 @@ def test_image_tracing_scores_equal_the_formula_at_the_last_checkpoint(smoke_pip
                 vecs = [v / np.linalg.norm(v) for v in vecs]
             expected = lr * g_q @ sum(vecs)
             np.testing.assert_allclose(scores.values[qi, col], expected, rtol=1e-4)
+
+
+def test_the_interval_window_gives_samples_several_draws_or_none(smoke_pipeline_interval):
+    _, train_dir, gradient_dir = smoke_pipeline_interval
+    log = ReplayLog.load(train_dir / "replay_log.npz")
+    _, a = load_store(gradient_dir / "raw_step_0000002")
+    ids = np.unique(log.sample_id)
+    first = np.bincount(log.sample_id[a["replay_events"]], minlength=ids.max() + 1)[ids]
+    assert len(a["replay_events"]) == 2 * 4 and (first == 0).any()  # steps 0-1 of batch 4
+    _, b = load_store(gradient_dir / "raw_step_0000006")
+    second = np.bincount(log.sample_id[b["replay_events"]], minlength=ids.max() + 1)[ids]
+    assert len(b["replay_events"]) == 4 * 4 and second.max() >= 2  # steps 2-5: over an epoch
+
+
+def test_a_replay_log_of_another_run_is_refused(smoke_pipeline):
+    _, train_dir, gradient_dir = smoke_pipeline
+    log = ReplayLog.load(train_dir / "replay_log.npz")
+    log.settings = {**log.settings, "seed": 99}
+    with pytest.raises(ValueError, match="another training run"):
+        trajectory_scores(gradient_dir, log, "tracin")

@@ -35,8 +35,11 @@ def unsupported_modules(model: nn.Module) -> list[str]:
         if not any(True for _ in module.parameters(recurse=False)):
             continue
         kind = next((k for k in SUPPORTED if type(module).forward is k.forward), None)
+        names = {n for n, _ in module.named_parameters(recurse=False)}
         if kind is None or not isinstance(module, kind):
             problems.append(f"{name or '<root>'} ({type(module).__name__})")
+        elif not names <= {"weight", "bias"}:
+            problems.append(f"{name} ({type(module).__name__} with parameters {sorted(names)})")
         elif kind is nn.Conv2d and (
             module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
         ):
@@ -126,9 +129,18 @@ class LayerwiseGradients:
                 )
         slices = {id(m): s for m, s in self.layers}
         written: set[tuple[int, int]] = set()
+        rows = out.shape[0] * group
+        if out.shape[1] != self.dim:
+            raise ValueError(f"out has {out.shape[1]} columns, expected {self.dim}")
         for (module, a, _, _, _), g in zip(calls, grads, strict=True):
             if g is None:
                 continue
+            if a.shape[0] != rows:
+                raise ValueError(
+                    f"a {type(module).__name__} layer ran on {a.shape[0]} rows, expected {rows} "
+                    f"({out.shape[0]} items × {group} draws): rows must pass through every "
+                    "layer one for one; use engine 'vmap' for this model"
+                )
             parts = layer_gradients(module, a, g, group, self.workspace)
             for attr, value in parts.items():
                 sl = slices[id(module)][attr]
@@ -261,9 +273,10 @@ def group_norm_gradients(
     norm: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, group: int
 ) -> dict[str, torch.Tensor]:
     """a, g [N, C, *] → weight and bias [N / group, C]."""
+    n, channels = a.shape[:2]
     normalised = F.group_norm(a, norm.num_groups, eps=norm.eps)
-    weight = (g * normalised).flatten(2).sum(2)
+    weight = (g * normalised).reshape(n, channels, -1).sum(2)
     return {
         "weight": _sum_groups(weight, group),
-        "bias": _sum_groups(g.flatten(2).sum(2), group),
+        "bias": _sum_groups(g.reshape(n, channels, -1).sum(2), group),
     }

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattr.methods.tracin import _positions, load_index, trajectory_stores
+from diffattr.items import timestep_grid
+from diffattr.methods.tracin import _positions, check_log_matches, load_index, trajectory_stores
 from diffattr.replay import ReplayLog
 from diffattr.store import load_store
 
@@ -38,8 +39,9 @@ def grid_cell(t: np.ndarray, n_cells: int, num_train_timesteps: int) -> np.ndarr
 
 
 def band_interval(grid: np.ndarray, band: np.ndarray, num_train_timesteps: int) -> list[list[int]]:
-    """The band as sorted, merged [start, stop) timestep intervals of its grid cells."""
-    edges = np.linspace(0, num_train_timesteps, len(grid) + 1).round().astype(int)
+    """The band as sorted, merged [start, stop) timestep intervals of its grid cells (the
+    integer timesteps `grid_cell` puts in each cell)."""
+    edges = np.ceil(np.arange(len(grid) + 1) * num_train_timesteps / len(grid)).astype(int)
     spans: list[list[int]] = []
     for cell in np.flatnonzero(band):
         start, stop = int(edges[cell]), int(edges[cell + 1])
@@ -54,7 +56,9 @@ def band_interval(grid: np.ndarray, band: np.ndarray, num_train_timesteps: int) 
 class ReplayNorms:
     """Per training sample, over the trajectory checkpoints used (each with its own band).
 
-    norm_mass: [N] Σ_k η_k Σ_{e ∈ R_k(j)} ‖g_e‖ — the weight TracIn's sum gives sample j's norms.
+    norm_mass: [N] Σ_k η_k Σ_{e ∈ R_k(j)} ‖g_e‖ — the weight TracIn's sum gives sample j's norms
+      (under the "interval" window it also grows with how often j was drawn; see draws).
+    draws: [N] replayed draws of j over the checkpoints' windows; mean_norm: [N] their mean ‖g‖.
     band_share: [N] share of j's replayed draws whose t was in its checkpoint's large-norm band
       (nan for a sample with no draw in any window).
     last_t, last_norm: [N] the timestep and exact norm of j's last replayed draw before the last
@@ -64,6 +68,8 @@ class ReplayNorms:
 
     train_ids: np.ndarray
     norm_mass: np.ndarray
+    draws: np.ndarray
+    mean_norm: np.ndarray
     band_share: np.ndarray
     last_t: np.ndarray
     last_norm: np.ndarray
@@ -72,38 +78,46 @@ class ReplayNorms:
 
 
 def replay_norms(
-    gradient_dir: str | Path,
-    log: ReplayLog,
-    quantile: float = 0.75,
-    checkpoints: str = "all",
-    num_train_timesteps: int = 1000,
+    gradient_dir: str | Path, log: ReplayLog, quantile: float = 0.75, checkpoints: str = "all"
 ) -> ReplayNorms:
     """Exact replayed-gradient norms and band membership per training sample (see ReplayNorms)."""
     gradient_dir = Path(gradient_dir)
     index = load_index(gradient_dir)
     train_ids = np.asarray(index["train_ids"], np.int64)
     grid = np.asarray(index["timesteps"]["profile"])
+    num_train_timesteps = int(log.settings["num_train_timesteps"])
+    if not np.array_equal(timestep_grid(len(grid), num_train_timesteps), grid):
+        raise ValueError(
+            f"the profile grid {grid.tolist()} is not the even grid of T = {num_train_timesteps} "
+            "the replay log was trained with: the log and the gradient stores disagree"
+        )
     draws = int(index["profile_draws"])
     n = len(train_ids)
-    norm_mass, in_band, events_seen = np.zeros(n), np.zeros(n), np.zeros(n)
+    norm_mass, total_norm, in_band, events_seen = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     last_t, last_norm = np.full(n, -1, np.int64), np.full(n, np.nan)
     bands, means = {}, {}
     for store in trajectory_stores(index, checkpoints):
-        _, arrays = load_store(gradient_dir / store["path"])
+        settings, arrays = load_store(gradient_dir / store["path"])
         mean = profile_norms(arrays, len(grid), draws).mean(axis=(0, 2))
         band = large_norm_band(mean, quantile)
         bands[store["step"]], means[store["step"]] = band, mean
         events = np.asarray(arrays["replay_events"])
+        check_log_matches(log, settings, events)
         columns = _positions(train_ids, log.sample_id[events])
         norms = np.asarray(arrays["replay_norm"][:, 0], np.float64)
         t = log.t[events].astype(np.int64)
         np.add.at(norm_mass, columns, float(store["lr"]) * norms)
+        np.add.at(total_norm, columns, norms)
         np.add.at(in_band, columns, band[grid_cell(t, len(grid), num_train_timesteps)])
         np.add.at(events_seen, columns, 1)
-        # The last draw before the last checkpoint: events are in step order within a window.
-        order = np.argsort(log.step[events], kind="stable")
-        last_t[columns[order]] = t[order]
-        last_norm[columns[order]] = norms[order]
+        # Each sample's latest draw so far (later checkpoints' windows come later).
+        latest = np.argsort(log.step[events], kind="stable")[::-1]
+        cols, first = np.unique(columns[latest], return_index=True)
+        last_t[cols] = t[latest][first]
+        last_norm[cols] = norms[latest][first]
     with np.errstate(invalid="ignore", divide="ignore"):
         band_share = np.where(events_seen > 0, in_band / events_seen, np.nan)
-    return ReplayNorms(train_ids, norm_mass, band_share, last_t, last_norm, bands, means)
+        mean_norm = np.where(events_seen > 0, total_norm / events_seen, np.nan)
+    return ReplayNorms(
+        train_ids, norm_mass, events_seen, mean_norm, band_share, last_t, last_norm, bands, means
+    )

@@ -27,10 +27,15 @@ def pixel_cosine_scores(
             f"{len(query_images)} query and {len(train_images)} training images for scores of "
             f"shape {like.values.shape}"
         )
+    if query_images.shape[1:] != train_images.shape[1:]:
+        raise ValueError(
+            f"query images {tuple(query_images.shape[1:])} and training images "
+            f"{tuple(train_images.shape[1:])} differ in shape"
+        )
     q = torch.nn.functional.normalize(query_images.flatten(1).double(), dim=1)
     t = torch.nn.functional.normalize(train_images.flatten(1).double(), dim=1)
     return Scores(
-        (q @ t.T).numpy(),
+        (q @ t.T).cpu().numpy(),
         like.train_ids,
         like.query_kind,
         like.query_key,

@@ -15,9 +15,9 @@ class Scores:
     """Scores [n_query, n_train] of one method, with who the rows and columns are.
 
     values: float64 [Q, N], > 0 = proponent. train_ids: int64 [N]. query_kind: [Q] str
-    ("generated" | "heldout"); query_key: int64 [Q] (seed of a generated query, dataset id of a
-    held-out one). settings: everything that made the scores (method, checkpoints, timesteps,
-    draws, projection, …).
+    ("generated" | "heldout", or "train" for training images as queries); query_key: int64 [Q]
+    (seed of a generated query, dataset id of a held-out or training one). settings: everything
+    that made the scores (method, checkpoints, timesteps, draws, projection, …).
     """
 
     values: np.ndarray
@@ -27,6 +27,10 @@ class Scores:
     settings: dict
 
     def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, np.float64)
+        self.train_ids = np.asarray(self.train_ids, np.int64)
+        self.query_kind = np.asarray(self.query_kind).astype(str)
+        self.query_key = np.asarray(self.query_key, np.int64)
         q, n = len(self.query_kind), len(self.train_ids)
         if self.values.shape != (q, n) or len(self.query_key) != q:
             raise ValueError(
@@ -65,16 +69,16 @@ class Scores:
             query_kind=self.query_kind.astype(str),
             query_key=self.query_key,
         )
-        os.replace(tmp, path.with_suffix(".npz"))
+        os.replace(tmp, _with(path, ".npz"))
         meta = {"shape": list(self.values.shape), "settings": self.settings}
         tmp_json = path.with_name(path.name + ".tmp.json")
         tmp_json.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp_json, path.with_suffix(".json"))
+        os.replace(tmp_json, _with(path, ".json"))
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
         path = Path(path)
-        arrays_path, meta_path = path.with_suffix(".npz"), path.with_suffix(".json")
+        arrays_path, meta_path = _with(path, ".npz"), _with(path, ".json")
         if not arrays_path.exists() or not meta_path.exists():
             raise FileNotFoundError(
                 f"no scores at {path} (expected {arrays_path.name} and {meta_path.name}); run "
@@ -89,3 +93,8 @@ class Scores:
                 z["query_key"],
                 meta["settings"],
             )
+
+
+def _with(path: Path, suffix: str) -> Path:
+    """path + suffix, keeping dots in the name (`tracin_tau0.5` → `tracin_tau0.5.npz`)."""
+    return path.with_name(path.name + suffix)

@@ -5,9 +5,11 @@
 
 ReTrac normalises both sides with the exact norms recorded before projection: every replayed
 training gradient to unit norm, and every per-timestep query gradient ḡ_k(q, t) to unit norm
-before the average over t. "cosine" (grad-cosine) is cos(G_k(q), T_k(j)) in the projected space,
-summed over checkpoints with η_k. Inner products are taken between projected features (a
-seeded JL projection preserves them approximately; `projection: none` makes them exact).
+before the average over t. "cosine" (grad-cosine) is cos(G_k(q), T_k(j)) in the projected space
+(0 for a checkpoint whose window holds no draw of the sample), summed over checkpoints with η_k.
+η_k is the learning rate of the update that produced θ_k (draws taken during warm-up inside a
+window had a smaller one). Inner products are taken between projected features (a seeded JL
+projection preserves them approximately; `projection: none` makes them exact).
 
 Training side: "replay" (the exact draws training made in each checkpoint's window, the paper's
 method) or "grid" (the training images at a uniform timestep grid, averaged over it — the
@@ -51,9 +53,36 @@ def trajectory_stores(index: dict, checkpoints: str = "all") -> list[dict]:
 
 def _unit(features: np.ndarray, norms: np.ndarray, what: str) -> np.ndarray:
     """features [..., k] divided by their exact norms [...]."""
-    if not np.all(np.isfinite(norms)) or np.any(norms <= 0):
-        raise ValueError(f"{what}: exact gradient norms must be finite and positive to normalise")
+    bad = ~np.isfinite(norms) | (norms <= 0)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])[:10].tolist()
+        raise ValueError(
+            f"{what}: exact gradient norms must be finite and positive to normalise; rows {rows} "
+            "are not (a NaN or all-zero gradient: check the model and its checkpoint)"
+        )
     return features / norms[..., None]
+
+
+def check_log_matches(log: ReplayLog, store_settings: dict, events: np.ndarray) -> None:
+    """Refuse a replay log from another training run than the store's (ValueError)."""
+    run = store_settings.get("training_run", {})
+    expected = {
+        "seed": run.get("train", {}).get("seed"),
+        "batch_size": run.get("train", {}).get("batch_size"),
+        "dataset": run.get("dataset"),
+        "num_train_timesteps": run.get("model", {}).get("num_train_timesteps"),
+    }
+    differ = {
+        k: (log.settings.get(k), v)
+        for k, v in expected.items()
+        if v is not None and log.settings.get(k) != v
+    }
+    if differ or (len(events) and int(np.max(events)) >= len(log.step)):
+        raise ValueError(
+            f"the replay log belongs to another training run than the gradient stores (log vs "
+            f"stores: {differ or 'the stores index past the end of the log'}); use the replay "
+            "log of the run stage 2 extracted from"
+        )
 
 
 def _positions(train_ids: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
@@ -86,8 +115,14 @@ def train_side(
     log: ReplayLog | None,
     train_ids: np.ndarray,
     step: int,
+    settings: dict | None = None,
 ) -> np.ndarray:
-    """T_k(j) [N, k]: the sum of sample j's replayed gradients (or its grid average)."""
+    """T_k(j) [N, k]: the sum of sample j's replayed gradients (or its grid average).
+
+    Under the "interval" replay window a sample drawn several times in the window sums several
+    gradients (unit vectors for ReTrac), so its score grows with how often it was drawn, as in
+    TracIn's definition; the "epoch" window holds exactly one draw per sample.
+    """
     if side == "grid":
         if "train_grid_features" not in arrays:
             raise ValueError(
@@ -103,6 +138,7 @@ def train_side(
     feats = arrays["replay_features"][:, 0].astype(np.float64)
     if method == "retrac":
         feats = _unit(feats, arrays["replay_norm"][:, 0].astype(np.float64), "replay gradients")
+    check_log_matches(log, settings, arrays["replay_events"])
     columns = _positions(train_ids, log.sample_id[arrays["replay_events"]])
     total = np.zeros((len(train_ids), feats.shape[1]))
     np.add.at(total, columns, feats)
@@ -139,7 +175,7 @@ def trajectory_scores(
     for store in chosen:
         settings, arrays = load_store(gradient_dir / store["path"])
         q = query_side(arrays, method)
-        t = train_side(arrays, method, side, log, train_ids, store["step"])
+        t = train_side(arrays, method, side, log, train_ids, store["step"], settings)
         if method == "cosine":
             q, t = _cosine_rows(q), _cosine_rows(t)
         term = float(store["lr"]) * (q @ t.T)
@@ -184,6 +220,8 @@ def training_image_scores(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be ≥ 1, got {n_queries}")
     gradient_dir = Path(gradient_dir)
     index = load_index(gradient_dir)
     train_ids = np.asarray(index["train_ids"], np.int64)
@@ -197,7 +235,7 @@ def training_image_scores(
         norms = arrays["train_grid_norm"][rows].astype(np.float64)
         feats = _unit(feats, norms, "train grid gradients")
     q = feats.mean(axis=1)
-    t = train_side(arrays, method, "replay", log, train_ids, store["step"])
+    t = train_side(arrays, method, "replay", log, train_ids, store["step"], settings)
     if method == "cosine":
         q, t = _cosine_rows(q), _cosine_rows(t)
     return Scores(
@@ -208,9 +246,13 @@ def training_image_scores(
         settings={
             "method": method,
             "evaluation": "image tracing (training images as queries)",
-            "checkpoints": [{"step": store["step"], "lr": store["lr"]}],
+            "checkpoints": [
+                {"step": store["step"], "lr": store["lr"], "weights_hash": settings["weights_hash"]}
+            ],
+            "replay_window": index.get("replay_window"),
             "query_timesteps": index["timesteps"]["train"],
             "projection": settings["projection"],
+            "loss": settings["loss"],
             "self_columns": rows.tolist(),
         },
     )
