@@ -93,3 +93,18 @@ def smoke_pipeline_interval(smoke_pipeline):
     out = gradient_dir.parent / "gradients_interval"
     run_gradient_stage(P, train_dir, out, torch.device("cpu"), False)
     return P, train_dir, out
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline_ema(smoke_pipeline):
+    """The same run with the final-EMA store (TRAK / D-TRAK features), projected to 16 dims."""
+    from diffattr import params as params_lib
+    from diffattr.gradient_stage import run_gradient_stage
+
+    _, train_dir, gradient_dir = smoke_pipeline
+    overrides = {**SMOKE_PIPELINE, "gradients": {**SMOKE_PIPELINE["gradients"]}}
+    overrides["gradients"].update(ema=True, projection="sparse", projection_dim=16)
+    P = params_lib.resolve(overrides)
+    out = gradient_dir.parent / "gradients_ema"
+    run_gradient_stage(P, train_dir, out, torch.device("cpu"), False)
+    return P, train_dir, out
