@@ -1,0 +1,174 @@
+"""K-FAC / EK-FAC against the dense GGN of the diffusion loss on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from diffattr.diffusion import build_unet, unet_config
+from diffattr.methods.kfac import (
+    curvature_layers,
+    fit_kfac,
+    influence,
+    layer_blocks,
+    weight_matrix,
+)
+
+
+class ConvNet(nn.Module):
+    """ε̂ = conv(x) (one conv: K-FAC-expand is exact) or conv2(tanh(conv1(x)))."""
+
+    def __init__(self, depth: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 2, 3, padding=1) if depth == 2 else None
+
+    def forward(self, x, t):
+        h = self.conv1(x)
+        return self.conv2(torch.tanh(h)) if self.conv2 is not None else h
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x, t):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def dense_ggn_blocks(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(1/N) Σ_n (2/D) J_nᵀ J_n per layer, in row-major vec of W = [weight | bias]."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def outputs(p):
+        return functional_call(model, p, (x, None)).flatten(1)  # [N, D]
+
+    jac = jacrev(outputs)(params)
+    n, d = outputs(params).shape
+    blocks = {}
+    for name, layer in curvature_layers(model).items():
+        w = jac[f"{name}.weight"].reshape(n, d, layer.weight.shape[0], -1)
+        if layer.bias is not None:
+            w = torch.cat([w, jac[f"{name}.bias"][..., None]], dim=3)
+        flat = w.reshape(n, d, -1).double()
+        blocks[name] = (2 / d) * torch.einsum("ndp,ndq->pq", flat, flat) / n
+    return blocks
+
+
+def _batches(x):
+    eps = torch.zeros(x.shape[0], 1)  # unused by type2 / mc
+    return lambda: [(x[:2], None, eps[:2]), (x[2:], None, eps[2:])]
+
+
+def test_kfac_expand_is_exact_for_a_single_conv_layer():
+    torch.manual_seed(0)
+    model, x = ConvNet(1), torch.randn(4, 2, 5, 5)
+    kfac = fit_kfac(model, _batches(x), fisher="type2", eigen_correction=False)
+    exact = dense_ggn_blocks(model, x)["conv1"]
+    # float32 forward passes on both sides: agreement to float32 rounding
+    torch.testing.assert_close(kfac.dense("conv1"), exact, rtol=1e-5, atol=1e-7)
+
+
+def test_kfac_is_exact_per_layer_for_one_sample_without_weight_sharing():
+    torch.manual_seed(1)
+    model, x = MLP(), torch.randn(1, 4)
+    kfac = fit_kfac(model, lambda: [(x, None, None)], fisher="type2", eigen_correction=False)
+    for name, exact in dense_ggn_blocks(model, x).items():
+        torch.testing.assert_close(kfac.dense(name), exact, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kfac_eigenbasis(approx):
+    torch.manual_seed(2)
+    model, x = ConvNet(2), torch.randn(4, 2, 4, 4)
+    kfac = fit_kfac(model, _batches(x), fisher="type2", approx=approx)
+    for name, exact in dense_ggn_blocks(model, x).items():
+        _, q_g, _, q_a = kfac.eigenbasis(name)
+        basis = torch.kron(q_g, q_a)
+        expected = torch.diagonal(basis.T @ exact @ basis).reshape(kfac.corrections[name].shape)
+        torch.testing.assert_close(kfac.corrections[name], expected, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("eigen_correction", [False, True])
+def test_solve_equals_a_dense_damped_solve(eigen_correction):
+    torch.manual_seed(3)
+    model, x = ConvNet(2), torch.randn(4, 2, 4, 4)
+    kfac = fit_kfac(model, _batches(x), fisher="type2", eigen_correction=eigen_correction)
+    layer = curvature_layers(model)["conv2"]
+    v = torch.randn(2, *weight_matrix(layer).shape, dtype=torch.float64)
+    got = kfac.solve({"conv2": v}, damping=0.3)["conv2"]
+    dense = kfac.dense("conv2") + 0.3 * torch.eye(v[0].numel(), dtype=torch.float64)
+    expected = torch.linalg.solve(dense, v.reshape(2, -1).T).T.reshape(v.shape)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="damping"):
+        kfac.solve({"conv2": v}, damping=0.0)
+
+
+def test_mc_fisher_is_seeded_and_approaches_the_exact_expectation():
+    torch.manual_seed(4)
+    model, x = MLP(), torch.randn(6, 4)
+    batches = lambda: [(x, None, None)]  # noqa: E731
+    exact = fit_kfac(model, batches, "type2", eigen_correction=False).G["fc2"]
+    a = fit_kfac(model, batches, "mc", mc_samples=4000, seed=7, eigen_correction=False).G["fc2"]
+    b = fit_kfac(model, batches, "mc", mc_samples=4000, seed=7, eigen_correction=False).G["fc2"]
+    assert torch.equal(a, b)
+    assert (a - exact).norm() < 0.1 * exact.norm()
+
+
+def test_empirical_fisher_uses_the_loss_gradient():
+    torch.manual_seed(5)
+    model, x = MLP(), torch.randn(1, 4)
+    target = torch.randn(1, 3)
+    kfac = fit_kfac(model, lambda: [(x, None, target)], "empirical", eigen_correction=False)
+    out = model(x, None)
+    loss = ((target - out) ** 2).mean()
+    g_out = torch.autograd.grad(loss, out)[0][0].double()
+    torch.testing.assert_close(kfac.G["fc2"], torch.outer(g_out, g_out))
+
+
+def test_fits_every_linear_and_conv_layer_of_a_unet_with_attention():
+    model = build_unet(unet_config("tiny", (1, 8, 8)), seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([10, 500, 900])
+    kfac = fit_kfac(model, lambda: [(x, t, None)], "mc", mc_samples=2)
+    layers = curvature_layers(model)
+    assert set(kfac.G) == set(layers) and not any(
+        isinstance(m, nn.GroupNorm) for m in layers.values()
+    )
+    for name, layer in layers.items():
+        dout, din = weight_matrix(layer).shape
+        assert kfac.A[name].shape == (din, din) and kfac.G[name].shape == (dout, dout)
+        torch.testing.assert_close(kfac.A[name], kfac.A[name].T)
+        assert (kfac.corrections[name] >= 0).all()
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        fit_kfac(MLP(), lambda: [], fisher="hessian")
+    with pytest.raises(ValueError, match="choose one of"):
+        fit_kfac(MLP(), lambda: [], approx="diagonal")
+
+
+def test_influence_equals_a_dense_block_diagonal_solve_on_split_gradients():
+    torch.manual_seed(6)
+    model, x = ConvNet(2), torch.randn(4, 2, 4, 4)
+    kfac = fit_kfac(model, _batches(x), fisher="type2")
+    dim = sum(p.numel() for p in model.parameters())
+    q_flat, t_flat = torch.randn(3, dim), torch.randn(5, dim)
+    q, t = layer_blocks(q_flat, model), layer_blocks(t_flat, model)
+    scores = influence(kfac, q, t, damping=0.2)
+    expected = torch.zeros(3, 5, dtype=torch.float64)
+    for name in kfac.G:
+        dense = kfac.dense(name) + 0.2 * torch.eye(q[name][0].numel(), dtype=torch.float64)
+        qv, tv = q[name].reshape(3, -1).double(), t[name].reshape(5, -1).double()
+        expected += qv @ torch.linalg.solve(dense, tv.T)
+    torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10)
+    # the split puts each layer's weight and bias where weight_matrix does
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])[None]
+    for name, layer in curvature_layers(model).items():
+        torch.testing.assert_close(
+            layer_blocks(flat, model)[name][0], weight_matrix(layer).detach()
+        )
