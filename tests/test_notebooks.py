@@ -110,16 +110,25 @@ def test_gradients_notebook_writes_complete_stores_with_exact_norms(gradients):
         assert (gradients / "reports" / "02_gradients" / "figures" / f"{name}.png").exists()
 
 
-@pytest.mark.notebook
-def test_timestep_bias_notebook_saves_scores_figures_and_metrics(gradients):
+STAGE_3_4_PATHS = {
+    "train_dir": "data/train",
+    "gradient_dir": "data/gradients",
+    "scores_dir": "data/scores",
+}
+
+
+@pytest.fixture(scope="module")
+def bias(gradients) -> Path:
+    """Stage 3 at smoke scale on top of the smoke stages 1–2."""
     run_stage(
-        "03_timestep_bias",
-        gradients,
-        train_dir="data/train",
-        gradient_dir="data/gradients",
-        scores_dir="data/scores",
-        report_dir="reports/03_timestep_bias",
+        "03_timestep_bias", gradients, report_dir="reports/03_timestep_bias", **STAGE_3_4_PATHS
     )
+    return gradients
+
+
+@pytest.mark.notebook
+def test_timestep_bias_notebook_saves_scores_figures_and_metrics(bias):
+    gradients = bias
     scores = Scores.load(gradients / "data" / "scores" / "tracin")
     assert scores.values.shape == (6, 40) and scores.settings["method"] == "tracin"
     assert Scores.load(gradients / "data" / "scores" / "retrac").settings["method"] == "retrac"
@@ -132,24 +141,9 @@ def test_timestep_bias_notebook_saves_scores_figures_and_metrics(gradients):
 
 
 @pytest.mark.notebook
-def test_retrac_notebook_compares_methods_and_writes_metrics(gradients):
-    if not (gradients / "data" / "scores" / "tracin.npz").exists():
-        run_stage(
-            "03_timestep_bias",
-            gradients,
-            train_dir="data/train",
-            gradient_dir="data/gradients",
-            scores_dir="data/scores",
-            report_dir="reports/03_timestep_bias",
-        )
-    run_stage(
-        "04_retrac",
-        gradients,
-        train_dir="data/train",
-        gradient_dir="data/gradients",
-        scores_dir="data/scores",
-        report_dir="reports/04_retrac",
-    )
+def test_retrac_notebook_compares_methods_and_writes_metrics(bias):
+    gradients = bias
+    run_stage("04_retrac", gradients, report_dir="reports/04_retrac", **STAGE_3_4_PATHS)
     report = gradients / "reports" / "04_retrac"
     metrics = json.loads((report / "metrics.json").read_text())
     methods = {row["method"] for row in metrics["specificity"]}

@@ -41,6 +41,30 @@ def load_index(gradient_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def index_scores(index: dict, values: np.ndarray, settings: dict) -> Scores:
+    """Scores [Q, N] whose rows are the index's queries and columns its training ids."""
+    return Scores(
+        values=values,
+        train_ids=np.asarray(index["train_ids"], np.int64),
+        query_kind=np.asarray(index["queries"]["kind"]),
+        query_key=np.asarray(index["queries"]["key"], np.int64),
+        settings=settings,
+    )
+
+
+def store_provenance(index: dict, store_settings: dict) -> dict:
+    """The settings every score made from a store carries: grids, draws, projection, loss and
+    the hash of the queries."""
+    return {
+        "query_timesteps": index["timesteps"]["query"],
+        "train_grid_timesteps": index["timesteps"]["train"],
+        "query_draws": store_settings["sets"]["query"]["draws"],
+        "projection": store_settings["projection"],
+        "loss": store_settings["loss"],
+        "queries_hash": store_settings["queries_hash"],
+    }
+
+
 def trajectory_stores(index: dict, checkpoints: str = "all") -> list[dict]:
     """The raw-weight stores (one per trajectory checkpoint), in step order."""
     if checkpoints not in CHECKPOINTS:
@@ -183,22 +207,15 @@ def trajectory_scores(
         provenance.append(
             {"step": store["step"], "lr": store["lr"], "weights_hash": settings["weights_hash"]}
         )
-    return Scores(
-        values=values,
-        train_ids=train_ids,
-        query_kind=np.asarray(index["queries"]["kind"]),
-        query_key=np.asarray(index["queries"]["key"], np.int64),
-        settings={
+    return index_scores(
+        index,
+        values,
+        {
             "method": method,
             "train_side": side,
             "checkpoints": provenance,
             "replay_window": index.get("replay_window"),
-            "query_timesteps": index["timesteps"]["query"],
-            "train_grid_timesteps": index["timesteps"]["train"],
-            "query_draws": settings["sets"]["query"]["draws"],
-            "projection": settings["projection"],
-            "loss": settings["loss"],
-            "queries_hash": settings["queries_hash"],
+            **store_provenance(index, settings),
             "sign": "score > 0: proponent (training on j lowered the query's loss)",
         },
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from diffattr.methods.scores import Scores
-from diffattr.methods.tracin import load_index
+from diffattr.methods.tracin import index_scores, load_index, store_provenance
 from diffattr.store import load_store
 
 FEATURES = {
@@ -81,20 +81,9 @@ def trak_scores(
         "weights": "ema",
         "checkpoint_step": store["step"],
         "weights_hash": settings["weights_hash"],
-        "train_timesteps": index["timesteps"]["train"],
-        "query_timesteps": index["timesteps"]["query"],
-        "query_draws": settings["sets"]["query"]["draws"],
-        "projection": settings["projection"],
-        "loss": settings["loss"],
-        "queries_hash": settings["queries_hash"],
+        **store_provenance(index, settings),
     }
     return [
-        Scores(
-            values=v,
-            train_ids=np.asarray(index["train_ids"], np.int64),
-            query_kind=np.asarray(index["queries"]["kind"]),
-            query_key=np.asarray(index["queries"]["key"], np.int64),
-            settings={**common, "damping": float(lam)},
-        )
+        index_scores(index, v, {**common, "damping": float(lam)})
         for v, lam in zip(values, dampings, strict=True)
     ]
