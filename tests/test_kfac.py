@@ -65,7 +65,7 @@ def _batches(x):
 
 def test_kfac_expand_is_exact_for_a_single_conv_layer():
     torch.manual_seed(0)
-    model, x = ConvNet(1), torch.randn(4, 2, 5, 5)
+    model, x = ConvNet(1).eval(), torch.randn(4, 2, 5, 5)
     kfac = fit_kfac(model, _batches(x), fisher="type2", eigen_correction=False)
     exact = dense_ggn_blocks(model, x)["conv1"]
     # float32 forward passes on both sides: agreement to float32 rounding
@@ -74,7 +74,7 @@ def test_kfac_expand_is_exact_for_a_single_conv_layer():
 
 def test_kfac_is_exact_per_layer_for_one_sample_without_weight_sharing():
     torch.manual_seed(1)
-    model, x = MLP(), torch.randn(1, 4)
+    model, x = MLP().eval(), torch.randn(1, 4)
     kfac = fit_kfac(model, lambda: [(x, None, None)], fisher="type2", eigen_correction=False)
     for name, exact in dense_ggn_blocks(model, x).items():
         torch.testing.assert_close(kfac.dense(name), exact, rtol=1e-5, atol=1e-7)
@@ -83,7 +83,7 @@ def test_kfac_is_exact_per_layer_for_one_sample_without_weight_sharing():
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kfac_eigenbasis(approx):
     torch.manual_seed(2)
-    model, x = ConvNet(2), torch.randn(4, 2, 4, 4)
+    model, x = ConvNet(2).eval(), torch.randn(4, 2, 4, 4)
     kfac = fit_kfac(model, _batches(x), fisher="type2", approx=approx)
     for name, exact in dense_ggn_blocks(model, x).items():
         _, q_g, _, q_a = kfac.eigenbasis(name)
@@ -95,7 +95,7 @@ def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kfac_eigenbasis(app
 @pytest.mark.parametrize("eigen_correction", [False, True])
 def test_solve_equals_a_dense_damped_solve(eigen_correction):
     torch.manual_seed(3)
-    model, x = ConvNet(2), torch.randn(4, 2, 4, 4)
+    model, x = ConvNet(2).eval(), torch.randn(4, 2, 4, 4)
     kfac = fit_kfac(model, _batches(x), fisher="type2", eigen_correction=eigen_correction)
     layer = curvature_layers(model)["conv2"]
     v = torch.randn(2, *weight_matrix(layer).shape, dtype=torch.float64)
@@ -109,7 +109,7 @@ def test_solve_equals_a_dense_damped_solve(eigen_correction):
 
 def test_mc_fisher_is_seeded_and_approaches_the_exact_expectation():
     torch.manual_seed(4)
-    model, x = MLP(), torch.randn(6, 4)
+    model, x = MLP().eval(), torch.randn(6, 4)
     batches = lambda: [(x, None, None)]  # noqa: E731
     exact = fit_kfac(model, batches, "type2", eigen_correction=False).G["fc2"]
     a = fit_kfac(model, batches, "mc", mc_samples=4000, seed=7, eigen_correction=False).G["fc2"]
@@ -120,7 +120,7 @@ def test_mc_fisher_is_seeded_and_approaches_the_exact_expectation():
 
 def test_empirical_fisher_uses_the_loss_gradient():
     torch.manual_seed(5)
-    model, x = MLP(), torch.randn(1, 4)
+    model, x = MLP().eval(), torch.randn(1, 4)
     target = torch.randn(1, 3)
     kfac = fit_kfac(model, lambda: [(x, None, target)], "empirical", eigen_correction=False)
     out = model(x, None)
@@ -147,14 +147,14 @@ def test_fits_every_linear_and_conv_layer_of_a_unet_with_attention():
 
 def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="choose one of"):
-        fit_kfac(MLP(), lambda: [], fisher="hessian")
+        fit_kfac(MLP().eval(), lambda: [], fisher="hessian")
     with pytest.raises(ValueError, match="choose one of"):
-        fit_kfac(MLP(), lambda: [], approx="diagonal")
+        fit_kfac(MLP().eval(), lambda: [], approx="diagonal")
 
 
 def test_influence_equals_a_dense_block_diagonal_solve_on_split_gradients():
     torch.manual_seed(6)
-    model, x = ConvNet(2), torch.randn(4, 2, 4, 4)
+    model, x = ConvNet(2).eval(), torch.randn(4, 2, 4, 4)
     kfac = fit_kfac(model, _batches(x), fisher="type2")
     dim = sum(p.numel() for p in model.parameters())
     q_flat, t_flat = torch.randn(3, dim), torch.randn(5, dim)
@@ -172,3 +172,74 @@ def test_influence_equals_a_dense_block_diagonal_solve_on_split_gradients():
         torch.testing.assert_close(
             layer_blocks(flat, model)[name][0], weight_matrix(layer).detach()
         )
+
+
+class Tokens(nn.Module):
+    """A Linear over L tokens: ε̂ = lin(x) [N, L·dout] ("flat") or Σ_l lin(x)_l [N, dout]."""
+
+    def __init__(self, reduce_tokens: bool):
+        super().__init__()
+        self.lin, self.reduce_tokens = nn.Linear(3, 2), reduce_tokens
+
+    def forward(self, x, t):
+        y = self.lin(x)
+        return y.sum(1) if self.reduce_tokens else y.flatten(1)
+
+
+@pytest.mark.parametrize(("approx", "reduce_tokens"), [("expand", False), ("reduce", True)])
+def test_each_weight_sharing_approximation_is_exact_where_it_should_be(approx, reduce_tokens):
+    """Expand is exact when every token is its own output; reduce when the tokens are summed
+    (Eschenhagen et al., 2023)."""
+    torch.manual_seed(8)
+    model, x = Tokens(reduce_tokens).eval(), torch.randn(5, 4, 3)
+    kfac = fit_kfac(model, lambda: [(x, None, None)], "type2", approx, eigen_correction=False)
+    exact = dense_ggn_blocks(model, x)["lin"]
+    torch.testing.assert_close(kfac.dense("lin"), exact, rtol=1e-5, atol=1e-7)
+    other = "reduce" if approx == "expand" else "expand"
+    wrong = fit_kfac(model, lambda: [(x, None, None)], "type2", other, eigen_correction=False)
+    assert not torch.allclose(wrong.dense("lin"), exact, rtol=1e-3)
+
+
+def test_unet_pseudo_gradients_are_the_loss_gradients_of_every_layer():
+    """Empirical EK-FAC on one sample: the corrections are (Q_Gᵀ ∇_W ℓ Q_A)² with ∇_W ℓ from
+    autograd, for all Linear and Conv2d layers of a UNet with attention (hooks, patches and
+    attention reshapes included). The weights are frozen, as EMA copies are."""
+    model = build_unet(unet_config("tiny", (1, 8, 8)), seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, eps = (
+        torch.randn(1, 1, 8, 8, generator=g),
+        torch.tensor([300]),
+        torch.randn(1, 1, 8, 8, generator=g),
+    )
+    model.requires_grad_(False)
+    kfac = fit_kfac(model, lambda: [(x, t, eps)], "empirical")
+    assert not any(p.requires_grad for p in model.parameters())  # restored
+    model.requires_grad_(True)
+    loss = ((eps - model(x, t).sample) ** 2).mean()
+    layers = curvature_layers(model)
+    for name, layer in layers.items():
+        w, b = torch.autograd.grad(loss, [layer.weight, layer.bias], retain_graph=True)
+        grad = torch.cat([w.reshape(w.shape[0], -1), b[:, None]], dim=1)
+        _, q_g, _, q_a = kfac.eigenbasis(name)
+        expected = (q_g.T @ grad.double() @ q_a) ** 2
+        scale = float(expected.max())  # float32 forward passes: tiny entries carry rounding
+        torch.testing.assert_close(kfac.corrections[name], expected, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_layers_that_do_not_run_and_changing_batches_are_refused():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x, t):
+            return self.used(x)
+
+    x = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="did not run"):
+        fit_kfac(Skips().eval(), lambda: [(x, None, None)], "type2")
+    draws = iter([torch.randn(3, 4), torch.randn(3, 4)])
+    with pytest.raises(ValueError, match="other data"):
+        fit_kfac(MLP().eval(), lambda: [(next(draws), None, None)], "type2")
+    with pytest.raises(ValueError, match="eval mode"):
+        fit_kfac(MLP(), lambda: [(x, None, None)], "type2")

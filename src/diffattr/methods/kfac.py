@@ -23,7 +23,7 @@ second moments of the per-sample pseudo-gradients Σ_l g_l a_lᵀ in that basis.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,12 @@ def curvature_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's Linear and Conv2d layers by name (stock forward, groups = 1, zero padding)."""
     layers = {}
     for name, module in model.named_modules():
+        stock = type(module).forward in (nn.Linear.forward, nn.Conv2d.forward)
+        if isinstance(module, nn.Linear | nn.Conv2d) and not stock:
+            raise ValueError(
+                f"{name}: {type(module).__name__} overrides forward; K-FAC's factors assume the "
+                "stock Linear / Conv2d computation"
+            )
         if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
             layers[name] = module
         elif type(module).forward is nn.Conv2d.forward and isinstance(module, nn.Conv2d):
@@ -114,7 +120,7 @@ class KFAC:
         out = {}
         for name, v in vectors.items():
             _, q_g, _, q_a = self.eigenbasis(name)
-            rotated = q_g.T @ v.to(q_g.dtype) @ q_a
+            rotated = q_g.T @ v.to(q_g) @ q_a
             out[name] = q_g @ (rotated / (self.eigenvalues(name) + damping)) @ q_a.T
         return out
 
@@ -128,10 +134,15 @@ class KFAC:
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x_t [N, C, H, W], t [N], eps [N, ...]
 
 
+def _vector_count(fisher: str, d: int, mc_samples: int) -> int:
+    return d if fisher == "type2" else mc_samples if fisher == "mc" else 1
+
+
 def _backprop_vectors(
     eps_pred: torch.Tensor, eps: torch.Tensor, fisher: str, mc_samples: int, gen: torch.Generator
-) -> Iterable[torch.Tensor]:
-    """Vectors v [N, D] whose outer products average to this batch's per-sample GGN factor."""
+) -> Iterator[torch.Tensor]:
+    """Vectors v [N, D], one at a time, whose outer products average to this batch's per-sample
+    GGN factor."""
     n, d = eps_pred.shape
     scale = math.sqrt(2.0 / d)
     if fisher == "type2":
@@ -144,7 +155,17 @@ def _backprop_vectors(
             z = torch.randn(n, d, generator=gen, dtype=eps_pred.dtype).to(eps_pred.device)
             yield scale * z / math.sqrt(mc_samples)
     else:
-        yield (2.0 / d) * (eps_pred - eps.reshape(n, d)).detach()
+        if eps is None:
+            raise ValueError("the empirical Fisher needs the noise ε of every batch")
+        yield (2.0 / d) * (eps_pred - eps.reshape(n, d).to(eps_pred)).detach()
+
+
+def _fingerprint(x_t: torch.Tensor, eps: torch.Tensor | None) -> tuple:
+    """A cheap identity of a batch, to check that EK-FAC's second pass sees the same data."""
+    parts = [tuple(x_t.shape), float(x_t.double().sum()), float(x_t.double().square().sum())]
+    if eps is not None:
+        parts += [float(eps.double().sum()), float(eps.double().square().sum())]
+    return tuple(parts)
 
 
 def _layer_passes(
@@ -154,8 +175,9 @@ def _layer_passes(
     fisher: str,
     mc_samples: int,
     seed: int,
-) -> Iterable[tuple[dict[str, torch.Tensor], Callable[[], Iterable[dict[str, torch.Tensor]]]]]:
-    """Per batch: (layer inputs {name: [N, L, din]}, a generator of output grads per vector)."""
+) -> Iterator[tuple[tuple, dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor]]]]:
+    """Per batch: (fingerprint, layer inputs {name: [N, L, din]}, output grads per vector
+    {name: [N, L, dout]}, zeros for a layer the vector does not reach)."""
     gen = torch.Generator().manual_seed(seed)
     for x_t, t, eps in batches:
         recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -176,23 +198,29 @@ def _layer_passes(
         finally:
             for h in handles:
                 h.remove()
-        names = [n for n in layers if n in recorded]
+        skipped = [n for n in layers if n not in recorded]
+        if skipped:
+            raise ValueError(
+                f"layers {skipped[:5]} did not run in the forward pass: K-FAC would leave them "
+                "out of the curvature"
+            )
+        names = list(layers)
         inputs = {n: layer_inputs(layers[n], recorded[n][0]) for n in names}
         outputs = [recorded[n][1] for n in names]
+        count = _vector_count(fisher, eps_pred.shape[1], mc_samples)
 
-        def grads(eps_pred=eps_pred, eps=eps, outputs=outputs, names=names):
-            vectors = list(_backprop_vectors(eps_pred, eps, fisher, mc_samples, gen))
+        def grads(eps_pred=eps_pred, eps=eps, outputs=outputs, count=count, names=names):
+            vectors = _backprop_vectors(eps_pred, eps, fisher, mc_samples, gen)
             for i, v in enumerate(vectors):
                 g = torch.autograd.grad(
-                    eps_pred, outputs, v, retain_graph=i < len(vectors) - 1, allow_unused=True
+                    eps_pred, outputs, v, retain_graph=i < count - 1, allow_unused=True
                 )
                 yield {
-                    n: layer_output_grads(layers[n], gi)
-                    for n, gi in zip(names, g, strict=True)
-                    if gi is not None
+                    n: layer_output_grads(layers[n], torch.zeros_like(y) if gi is None else gi)
+                    for n, y, gi in zip(names, outputs, g, strict=True)
                 }
 
-        yield inputs, grads
+        yield _fingerprint(x_t, eps), inputs, grads()
 
 
 def fit_kfac(
@@ -206,73 +234,94 @@ def fit_kfac(
 ) -> KFAC:
     """K-FAC (and, with eigen_correction, EK-FAC) factors of an ε-prediction UNet's GGN.
 
-    batches: a callable returning an iterable of (x_t [N, C, H, W], t [N], ε [N, C, H, W]) —
-    called twice for EK-FAC (factors, then corrections in their eigenbasis), so it must yield
-    the same batches each time. Factors are float64.
+    model: in eval mode (no dropout: both EK-FAC passes must see the same function); frozen
+    parameters are fine. batches: a callable returning an iterable of (x_t [N, C, H, W], t [N],
+    ε [N, C, H, W] or None for type2 / mc) — called twice for EK-FAC (factors, then corrections
+    in their eigenbasis), and it must yield the same batches each time (checked). Factors are
+    float64. The corrections use each sample's exact pseudo-gradient Σ_l g_l a_lᵀ, for both
+    weight-sharing approximations.
     """
     if fisher not in FISHER_TYPES:
         raise ValueError(f"unknown fisher type {fisher!r}; choose one of {list(FISHER_TYPES)}")
     if approx not in APPROXIMATIONS:
         raise ValueError(f"unknown approximation {approx!r}; choose one of {list(APPROXIMATIONS)}")
+    if model.training:
+        raise ValueError("put the model in eval mode (model.eval()) before fitting K-FAC")
     layers = curvature_layers(model)
-    a_sum: dict[str, torch.Tensor] = {}
-    g_sum: dict[str, torch.Tensor] = {}
-    a_count = g_count = 0
-    for inputs, grads in _layer_passes(model, layers, batches(), fisher, mc_samples, seed):
-        n = next(iter(inputs.values())).shape[0]
-        for name, x in inputs.items():
-            x = x.double()
-            if approx == "expand":
-                term, rows = torch.einsum("nli,nlj->ij", x, x) / x.shape[1], n
-            else:
-                mean = x.mean(1)
-                term, rows = mean.T @ mean, n
-            a_sum[name] = a_sum.get(name, 0) + term
-        a_count += rows
-        for per_vector in grads():
-            for name, g in per_vector.items():
-                g = g.double()
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)  # output gradients need a graph, even through frozen weights
+    try:
+        a_sum: dict[str, torch.Tensor] = {}
+        g_sum: dict[str, torch.Tensor] = {}
+        fingerprints, count = [], 0
+        for fingerprint, inputs, grads in _layer_passes(
+            model, layers, batches(), fisher, mc_samples, seed
+        ):
+            fingerprints.append(fingerprint)
+            n = next(iter(inputs.values())).shape[0]
+            for name, x in inputs.items():
+                x = x.double()
                 if approx == "expand":
-                    term = torch.einsum("nli,nlj->ij", g, g)
+                    term = torch.einsum("nli,nlj->ij", x, x) / x.shape[1]
                 else:
-                    total = g.sum(1)
-                    term = total.T @ total
-                g_sum[name] = g_sum.get(name, 0) + term
-        g_count += n
-    if not a_count:
-        raise ValueError("no batches to fit K-FAC on")
-    kfac = KFAC(
-        A={k: v / a_count for k, v in a_sum.items()},
-        G={k: v / g_count for k, v in g_sum.items()},
-        settings={
-            "fisher": fisher,
-            "approx": approx,
-            "mc_samples": mc_samples if fisher == "mc" else None,
-            "seed": seed,
-            "layers": list(g_sum),
-            "n_samples": g_count,
-            "eigen_correction": eigen_correction,
-        },
-    )
-    if eigen_correction:
-        kfac.corrections = _eigen_corrections(
-            kfac, model, layers, batches, fisher, mc_samples, seed
+                    mean = x.mean(1)
+                    term = mean.T @ mean
+                a_sum[name] = a_sum.get(name, 0) + term
+            for per_vector in grads:
+                for name, g in per_vector.items():
+                    g = g.double()
+                    if approx == "expand":
+                        term = torch.einsum("nli,nlj->ij", g, g)
+                    else:
+                        total = g.sum(1)
+                        term = total.T @ total
+                    g_sum[name] = g_sum.get(name, 0) + term
+            count += n
+        if not count:
+            raise ValueError("no batches to fit K-FAC on")
+        kfac = KFAC(
+            A={k: v / count for k, v in a_sum.items()},
+            G={k: v / count for k, v in g_sum.items()},
+            settings={
+                "fisher": fisher,
+                "approx": approx,
+                "mc_samples": mc_samples if fisher == "mc" else None,
+                "seed": seed,
+                "layers": list(layers),
+                "n_samples": count,
+                "eigen_correction": eigen_correction,
+            },
         )
+        if eigen_correction:
+            kfac.corrections = _eigen_corrections(
+                kfac, model, layers, batches, fisher, mc_samples, seed, fingerprints
+            )
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
     return kfac
 
 
-def _eigen_corrections(kfac, model, layers, batches, fisher, mc_samples, seed):
+def _eigen_corrections(kfac, model, layers, batches, fisher, mc_samples, seed, fingerprints):
     """E[(Q_Gᵀ (Σ_l g_l a_lᵀ) Q_A)²] over samples and backprop vectors: [dout, din] per layer."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    for inputs, grads in _layer_passes(model, layers, batches(), fisher, mc_samples, seed):
+    passes = _layer_passes(model, layers, batches(), fisher, mc_samples, seed)
+    for i, (fingerprint, inputs, grads) in enumerate(passes):
+        if i >= len(fingerprints) or fingerprint != fingerprints[i]:
+            raise ValueError(
+                "batches() yielded other data on EK-FAC's second pass; make it deterministic "
+                "(seeded t and ε, the same order)"
+            )
         n = next(iter(inputs.values())).shape[0]
-        for per_vector in grads():
+        for per_vector in grads:
             for name, g in per_vector.items():
                 _, q_g, _, q_a = kfac.eigenbasis(name)
                 pseudo = torch.einsum("nlo,nli->noi", g.double(), inputs[name].double())
                 sums[name] = sums.get(name, 0) + (q_g.T @ pseudo @ q_a).pow(2).sum(0)
         count += n
+    if count != kfac.settings["n_samples"]:
+        raise ValueError("batches() yielded fewer samples on EK-FAC's second pass")
     return {k: v / count for k, v in sums.items()}
 
 
@@ -304,8 +353,9 @@ def influence(
     damping: float,
 ) -> torch.Tensor:
     """IF(j, q) = ∇m(q)ᵀ (K + λI)⁻¹ ∇ℓ(x_j) summed over layers: query_grads [Q, dout, din],
-    train_grads [N, dout, din] per layer. Returns [Q, N] float64 (> 0: proponent)."""
-    missing = set(kfac.G) - set(query_grads) | set(kfac.G) - set(train_grads)
+    train_grads [N, dout, din] per layer (pass the training set in chunks: these are full
+    per-sample gradients). Returns [Q, N] float64 (> 0: proponent)."""
+    missing = (set(kfac.G) - set(query_grads)) | (set(kfac.G) - set(train_grads))
     if missing:
         raise ValueError(f"gradients missing for layers {sorted(missing)[:5]}")
     preconditioned = kfac.solve({n: query_grads[n] for n in kfac.G}, damping)

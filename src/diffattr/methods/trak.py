@@ -58,7 +58,7 @@ def damped_scores(
     u, s, vt = np.linalg.svd(phi, full_matrices=False)
     projected = queries @ vt.T  # [Q, r]
     weights = s[None, :] / (s[None, :] ** 2 + lambdas[:, None])  # [L, r]
-    return np.einsum("qr,lr,nr->lqn", projected, weights, u)
+    return (projected[None] * weights[:, None]) @ u.T  # [L, Q, r] @ [r, N]
 
 
 def trak_scores(
