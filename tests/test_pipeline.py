@@ -1,5 +1,5 @@
-"""dvc.yaml: every stage depends on each `diffattr` module its notebook runs, so editing one
-reruns exactly the stages that use it."""
+"""dvc.yaml: every stage depends on exactly the `diffattr` modules its notebook runs, so editing
+one reruns the stages that use it and no other."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_deps_cover_the_modules_its_notebook_imports(stage):
+def test_stage_deps_are_exactly_the_modules_its_notebook_imports(stage):
     deps = STAGES[stage]["deps"]
     notebooks = [d for d in deps if d.startswith("notebooks/")]
     assert len(notebooks) == 1, f"stage {stage} should depend on exactly one notebook"
@@ -71,6 +71,8 @@ def test_stage_deps_cover_the_modules_its_notebook_imports(stage):
     needed = {str(_module_path(m).relative_to(ROOT)) for m in used}
     missing = sorted(needed - set(deps))
     assert not missing, f"stage {stage} runs {missing} but does not list them under deps"
+    extra = sorted({d for d in deps if d.startswith("src/")} - needed)
+    assert not extra, f"stage {stage} lists {extra} under deps but never runs them"
 
 
 def test_params_accepts_exactly_the_gradient_engines():

@@ -15,11 +15,9 @@ Layout under out_dir:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +35,8 @@ from diffattr.diffusion import build_scheduler, unet_config
 from diffattr.extraction import Throughput, array_specs, extract
 from diffattr.gradients import PerSampleGradients, resolve_engine
 from diffattr.items import (
-    KIND_GENERATED,
-    KIND_HELDOUT,
     KIND_TRAIN,
     ItemSet,
-    concat_items,
     grid_items,
     replay_items,
     replay_window,
@@ -49,44 +44,12 @@ from diffattr.items import (
 )
 from diffattr.params import Params
 from diffattr.projection import Projector, make_projector
+from diffattr.queries import load_query_set
 from diffattr.replay import ReplayLog
-from diffattr.sampling import load_queries
 from diffattr.store import ArrayStore
 from diffattr.train import load_trained, run_settings
 
 FORMAT_VERSION = 1
-
-
-@dataclass
-class QuerySet:
-    """Queries attributed by later stages: generated samples, then held-out images."""
-
-    images: torch.Tensor  # [Q, C, H, W]
-    kind: np.ndarray  # [Q] "generated" | "heldout"
-    key: np.ndarray  # [Q] int64: the seed (generated) or dataset id (held out)
-
-    def content_hash(self) -> str:
-        """Hash of the query images and who they are: a store is tied to its queries."""
-        h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
-        h.update(json.dumps([self.kind.tolist(), self.key.tolist()]).encode())
-        return h.hexdigest()[:16]
-
-    def items(self, timesteps: np.ndarray, draws: int, seed: int) -> ItemSet:
-        generated = self.kind == "generated"
-        parts = []
-        for mask, kind in ((generated, KIND_GENERATED), (~generated, KIND_HELDOUT)):
-            if mask.any():
-                parts.append(
-                    grid_items(
-                        self.images[torch.from_numpy(mask)],
-                        self.key[mask],
-                        kind,
-                        timesteps,
-                        draws,
-                        seed,
-                    )
-                )
-        return concat_items(parts)
 
 
 def check_matches_training(P: Params, dataset: ImageDataset, train_dir: Path) -> None:
@@ -105,16 +68,6 @@ def check_matches_training(P: Params, dataset: ImageDataset, train_dir: Path) ->
             f"the parameters disagree with the training run in {train_dir}: {diff}. Retrain "
             "(dvc repro) or use the parameters it was trained with."
         )
-
-
-def load_query_set(train_dir: Path, heldout: ImageDataset, n_heldout: int) -> QuerySet:
-    images, seeds, _ = load_queries(train_dir / "queries.npz")
-    held = heldout.subset(heldout.ids[: min(n_heldout, len(heldout))])
-    return QuerySet(
-        images=torch.cat([images, held.images]),
-        kind=np.array(["generated"] * len(images) + ["heldout"] * len(held)),
-        key=np.concatenate([np.asarray(seeds, np.int64), held.ids]),
-    )
 
 
 def make_stage_projector(P: Params, dim: int, device: torch.device) -> Projector:
