@@ -126,8 +126,7 @@ class ImageDataset:
     @functools.cached_property
     def _id_index(self) -> tuple[np.ndarray, np.ndarray]:
         """(argsort of ids, sorted ids), computed once: the lookup table of positions()."""
-        order = np.argsort(self.ids, kind="stable")
-        return order, self.ids[order]
+        return _sorted_index(self.ids)
 
     def positions(self, ids: int | Iterable[int] | np.ndarray) -> np.ndarray:
         """Row positions (int64 [k]) of the given ids, in the order given.
@@ -135,9 +134,7 @@ class ImageDataset:
         Raises KeyError naming (up to 10 of) the ids not in this dataset.
         """
         wanted = _as_id_array(ids)
-        order, sorted_ids = self._id_index
-        slot = np.clip(np.searchsorted(sorted_ids, wanted), 0, max(len(self) - 1, 0))
-        found = sorted_ids[slot] == wanted if len(self) else np.zeros(wanted.shape, bool)
+        pos, found = find_ids(self.ids, wanted, self._id_index)
         if not found.all():
             missing = np.unique(wanted[~found])
             shown = ", ".join(str(i) for i in missing[:_MAX_LISTED])
@@ -147,7 +144,7 @@ class ImageDataset:
                 f"(its ids span {self.ids.min() if len(self) else '-'}.."
                 f"{self.ids.max() if len(self) else '-'}): {shown}{more}"
             )
-        return order[slot].astype(np.int64)
+        return pos
 
     def subset(self, ids: int | Iterable[int] | np.ndarray) -> ImageDataset:
         """The samples with the given ids, in the order given; ids are kept.
@@ -196,6 +193,26 @@ def _frozen_vector(values: np.ndarray, what: str, n: int, dtype: type) -> np.nda
     out = arr.astype(dtype, copy=True)
     out.flags.writeable = False
     return out
+
+
+def find_ids(
+    ids: np.ndarray, wanted: np.ndarray, index: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in `ids` [N] of each id in `wanted` [k], and whether it was found.
+
+    index: (argsort of ids, sorted ids) when already computed. Returns (int64 [k], bool [k]);
+    a position where found is False is meaningless.
+    """
+    order, sorted_ids = index if index is not None else _sorted_index(ids)
+    if not len(ids):
+        return np.zeros(len(wanted), np.int64), np.zeros(len(wanted), bool)
+    slot = np.clip(np.searchsorted(sorted_ids, wanted), 0, len(ids) - 1)
+    return order[slot].astype(np.int64), sorted_ids[slot] == wanted
+
+
+def _sorted_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(ids, kind="stable")
+    return order, ids[order]
 
 
 def _as_id_array(ids: int | Iterable[int] | np.ndarray) -> np.ndarray:

@@ -28,21 +28,31 @@ from torch import nn
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 
 
+def stock_layer_type(module: nn.Module) -> type[nn.Module] | None:
+    """The `torch.nn` class among SUPPORTED whose unmodified forward `module` runs, else None
+    (also for a subclass that overrides forward)."""
+    kind = next((k for k in SUPPORTED if type(module).forward is k.forward), None)
+    return kind if kind is not None and isinstance(module, kind) else None
+
+
+def plain_conv2d(conv: nn.Conv2d) -> bool:
+    """groups = 1 and numeric zero padding: the convolutions the per-layer rules cover."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def unsupported_modules(model: nn.Module) -> list[str]:
     """Names (with reasons) of modules that own parameters the layerwise engine cannot handle."""
     problems = []
     for name, module in model.named_modules():
         if not any(True for _ in module.parameters(recurse=False)):
             continue
-        kind = next((k for k in SUPPORTED if type(module).forward is k.forward), None)
+        kind = stock_layer_type(module)
         names = {n for n, _ in module.named_parameters(recurse=False)}
-        if kind is None or not isinstance(module, kind):
+        if kind is None:
             problems.append(f"{name or '<root>'} ({type(module).__name__})")
         elif not names <= {"weight", "bias"}:
             problems.append(f"{name} ({type(module).__name__} with parameters {sorted(names)})")
-        elif kind is nn.Conv2d and (
-            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
-        ):
+        elif kind is nn.Conv2d and not plain_conv2d(module):
             problems.append(f"{name} (Conv2d with groups, padding mode or string padding)")
     return problems
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from diffattr.layerwise import _patches
+from diffattr.layerwise import _patches, plain_conv2d, stock_layer_type
 
 FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
@@ -39,22 +39,17 @@ def curvature_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's Linear and Conv2d layers by name (stock forward, groups = 1, zero padding)."""
     layers = {}
     for name, module in model.named_modules():
-        stock = type(module).forward in (nn.Linear.forward, nn.Conv2d.forward)
-        if isinstance(module, nn.Linear | nn.Conv2d) and not stock:
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        kind = stock_layer_type(module)
+        if kind is None:
             raise ValueError(
                 f"{name}: {type(module).__name__} overrides forward; K-FAC's factors assume the "
                 "stock Linear / Conv2d computation"
             )
-        if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
-            layers[name] = module
-        elif type(module).forward is nn.Conv2d.forward and isinstance(module, nn.Conv2d):
-            if (
-                module.groups != 1
-                or module.padding_mode != "zeros"
-                or isinstance(module.padding, str)
-            ):
-                raise ValueError(f"{name}: K-FAC supports Conv2d with groups=1 and zero padding")
-            layers[name] = module
+        if kind is nn.Conv2d and not plain_conv2d(module):
+            raise ValueError(f"{name}: K-FAC supports Conv2d with groups=1 and zero padding")
+        layers[name] = module
     if not layers:
         raise ValueError("the model has no Linear or Conv2d layer to approximate")
     return layers

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffattr.data import find_ids
 from diffattr.methods.scores import Scores
 from diffattr.replay import ReplayLog
 from diffattr.store import load_store
@@ -111,11 +112,8 @@ def check_log_matches(log: ReplayLog, store_settings: dict, events: np.ndarray) 
 
 def _positions(train_ids: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
     """Column of each sample id in train_ids."""
-    order = np.argsort(train_ids, kind="stable")
-    found = np.searchsorted(train_ids, sample_ids, sorter=order)
-    found = np.minimum(found, len(train_ids) - 1)
-    pos = order[found]
-    bad = train_ids[pos] != sample_ids
+    pos, found = find_ids(train_ids, sample_ids)
+    bad = ~found
     if bad.any():
         raise ValueError(
             f"replayed sample ids {np.unique(sample_ids[bad])[:10].tolist()} are not among the "
