@@ -63,7 +63,8 @@ class ReplayNorms:
       (nan for a sample with no draw in any window).
     last_t, last_norm: [N] the timestep and exact norm of j's last replayed draw before the last
       checkpoint (−1 and nan if none).
-    bands: checkpoint step → [M] bool band on the profile grid; mean_profiles: step → [M].
+    bands: checkpoint step → [M] bool band on the profile grid; profiles: step → the norm
+    profile [n_profile_samples, M, draws] the band comes from.
     """
 
     train_ids: np.ndarray
@@ -74,7 +75,12 @@ class ReplayNorms:
     last_t: np.ndarray
     last_norm: np.ndarray
     bands: dict[int, np.ndarray]
-    mean_profiles: dict[int, np.ndarray]
+    profiles: dict[int, np.ndarray]
+
+    @property
+    def mean_profiles(self) -> dict[int, np.ndarray]:
+        """Checkpoint step → mean norm [M] over profile samples and draws."""
+        return {step: p.mean(axis=(0, 2)) for step, p in self.profiles.items()}
 
 
 def replay_norms(
@@ -95,12 +101,12 @@ def replay_norms(
     n = len(train_ids)
     norm_mass, total_norm, in_band, events_seen = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     last_t, last_norm = np.full(n, -1, np.int64), np.full(n, np.nan)
-    bands, means = {}, {}
+    bands, profiles = {}, {}
     for store in trajectory_stores(index, checkpoints):
         settings, arrays = load_store(gradient_dir / store["path"])
-        mean = profile_norms(arrays, len(grid), draws).mean(axis=(0, 2))
-        band = large_norm_band(mean, quantile)
-        bands[store["step"]], means[store["step"]] = band, mean
+        profile = profile_norms(arrays, len(grid), draws)
+        band = large_norm_band(profile.mean(axis=(0, 2)), quantile)
+        bands[store["step"]], profiles[store["step"]] = band, profile
         events = np.asarray(arrays["replay_events"])
         check_log_matches(log, settings, events)
         columns = _positions(train_ids, log.sample_id[events])
@@ -119,5 +125,5 @@ def replay_norms(
         band_share = np.where(events_seen > 0, in_band / events_seen, np.nan)
         mean_norm = np.where(events_seen > 0, total_norm / events_seen, np.nan)
     return ReplayNorms(
-        train_ids, norm_mass, events_seen, mean_norm, band_share, last_t, last_norm, bands, means
+        train_ids, norm_mass, events_seen, mean_norm, band_share, last_t, last_norm, bands, profiles
     )
