@@ -48,16 +48,11 @@ from pathlib import Path
 import torch
 
 from diffattr.devices import resolve_device
-from diffattr.diffusion import (
-    add_noise,
-    build_scheduler,
-    build_unet,
-    per_sample_loss,
-    predict_eps,
-    unet_config,
-)
-from diffattr.gradients import PerSampleGradients
-from diffattr.projection import make_projector
+from diffattr.diffusion.model import build_unet, predict_eps, unet_config
+from diffattr.diffusion.schedule import add_noise, build_scheduler
+from diffattr.diffusion.task import per_sample_loss
+from diffattr.gradients.engines import PerSampleGradients
+from diffattr.gradients.projection import make_projector
 
 # Benchmark model name → (UNet topology, image shape (C, H, W)).
 MODELS: dict[str, tuple[str, tuple[int, int, int]]] = {

@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from diffattr.data import ImageDataset  # noqa: E402
+from diffattr.data.datasets import ImageDataset  # noqa: E402
 from diffattr.params import ModelParams, TrainParams  # noqa: E402
 
 
@@ -66,9 +66,9 @@ def smoke_pipeline(tmp_path_factory):
     """(params, train_dir, gradient_dir) of a 6-step run with 2 checkpoints, 2 generated and 2
     held-out queries, and stores of full (unprojected) gradients."""
     from diffattr import params as params_lib
-    from diffattr.gradient_stage import run_gradient_stage
-    from diffattr.sampling import save_queries
-    from diffattr.train import train
+    from diffattr.diffusion.sampling import save_queries
+    from diffattr.diffusion.training import train
+    from diffattr.stages.gradients import run_gradient_stage
 
     root = tmp_path_factory.mktemp("pipeline")
     P = params_lib.resolve(SMOKE_PIPELINE)
@@ -84,7 +84,7 @@ def smoke_pipeline_interval(smoke_pipeline):
     """The same run with gradients over the "interval" replay window: every step since the
     previous checkpoint, so samples have 0, 1 or several draws per window."""
     from diffattr import params as params_lib
-    from diffattr.gradient_stage import run_gradient_stage
+    from diffattr.stages.gradients import run_gradient_stage
 
     _, train_dir, gradient_dir = smoke_pipeline
     overrides = {**SMOKE_PIPELINE, "gradients": {**SMOKE_PIPELINE["gradients"]}}
@@ -99,7 +99,7 @@ def smoke_pipeline_interval(smoke_pipeline):
 def smoke_pipeline_ema(smoke_pipeline):
     """The same run with the final-EMA store (TRAK / D-TRAK features), projected to 16 dims."""
     from diffattr import params as params_lib
-    from diffattr.gradient_stage import run_gradient_stage
+    from diffattr.stages.gradients import run_gradient_stage
 
     _, train_dir, gradient_dir = smoke_pipeline
     overrides = {**SMOKE_PIPELINE, "gradients": {**SMOKE_PIPELINE["gradients"]}}

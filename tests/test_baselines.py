@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffattr.artifacts.scores import Scores
 from diffattr.methods.baselines import pixel_cosine_scores, random_scores
-from diffattr.methods.scores import Scores
 
 
 def _like(q: int, n: int) -> Scores:

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from diffattr import data
-from diffattr.data import (
+from diffattr.data import datasets as data
+from diffattr.data.datasets import (
     DATASET_NAMES,
     DatasetNotFoundError,
     ImageDataset,

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffattr.diffusion import (
-    UNET_CONFIGS,
-    add_noise,
-    build_scheduler,
-    build_unet,
-    keyed_normal,
-    per_sample_loss,
-    train_noise,
-    train_timesteps,
-    unet_config,
-)
+from diffattr.diffusion.draws import train_noise, train_timesteps
+from diffattr.diffusion.model import UNET_CONFIGS, build_unet, unet_config
+from diffattr.diffusion.schedule import add_noise, build_scheduler
+from diffattr.diffusion.task import per_sample_loss
+from diffattr.rng import keyed_normal
 
 
 def test_linear_schedule_matches_ddpm_betas():
@@ -52,20 +46,28 @@ def test_loss_kinds_average_over_pixels_per_sample():
 
 
 def test_keyed_draws_depend_on_the_key_alone_not_the_batch():
-    together = train_noise(0, 5, [3, 9, 11], (1, 8, 8))
-    alone = train_noise(0, 5, [9], (1, 8, 8))
+    together = train_noise(0, 5, [1, 1, 1], [3, 9, 11], (1, 8, 8))
+    alone = train_noise(0, 5, [1], [9], (1, 8, 8))
     assert torch.equal(together[1], alone[0])
     assert not torch.equal(together[0], together[1])
-    assert not torch.equal(train_noise(1, 5, [9], (1, 8, 8)), alone)
-    assert not torch.equal(train_noise(0, 6, [9], (1, 8, 8)), alone)
-    t = train_timesteps(0, 5, [3, 9, 11], 1000)
-    assert t[1] == train_timesteps(0, 5, [9], 1000)[0]
+    assert not torch.equal(train_noise(1, 5, [1], [9], (1, 8, 8)), alone)
+    assert not torch.equal(train_noise(0, 6, [1], [9], (1, 8, 8)), alone)
+    t = train_timesteps(0, 5, [1, 1, 1], [3, 9, 11], 1000)
+    assert t[1] == train_timesteps(0, 5, [1], [9], 1000)[0]
     assert ((t >= 0) & (t < 1000)).all()
     assert keyed_normal((2,), []).shape == (0, 2)
 
 
+def test_a_sample_twice_in_one_batch_gets_two_different_draws():
+    # n_train % batch_size != 0: the batch spanning epochs 0 and 1 may hold a sample twice.
+    eps = train_noise(0, 7, [0, 1], [4, 4], (1, 8, 8))
+    t = train_timesteps(0, 7, [0, 1], [4, 4] * 1, 1000)
+    assert not torch.equal(eps[0], eps[1])
+    assert t.shape == (2,)
+
+
 def test_keyed_timesteps_are_uniform():
-    t = train_timesteps(0, 0, range(4000), 10)
+    t = train_timesteps(0, 0, [0] * 4000, range(4000), 10)
     counts = torch.bincount(t, minlength=10).float()
     assert (counts - 400).abs().max() < 80  # ±4 sd of a binomial(4000, 0.1)
 

@@ -6,19 +6,26 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr import gradient_stage as stage_mod
 from diffattr import params as params_lib
-from diffattr.checkpoints import work_folder
-from diffattr.diffusion import build_scheduler, build_unet, unet_config
-from diffattr.extraction import array_specs, extract
-from diffattr.gradient_stage import run_gradient_stage
-from diffattr.gradients import PerSampleGradients
-from diffattr.items import KIND_GENERATED, KIND_TRAIN, grid_items, replay_window, timestep_grid
-from diffattr.projection import make_projector
-from diffattr.replay import ReplayLog
-from diffattr.sampling import save_queries
-from diffattr.store import ArrayStore, StoreMismatchError, load_store
-from diffattr.train import train
+from diffattr.diffusion.model import build_unet, unet_config
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.diffusion.sampling import save_queries
+from diffattr.diffusion.schedule import build_scheduler
+from diffattr.diffusion.training import train
+from diffattr.gradients.engines import PerSampleGradients
+from diffattr.gradients.extraction import array_specs, extract
+from diffattr.gradients.items import (
+    KIND_GENERATED,
+    KIND_TRAIN,
+    grid_items,
+    replay_window,
+    timestep_grid,
+)
+from diffattr.gradients.projection import make_projector
+from diffattr.stages import gradients as stage_mod
+from diffattr.stages.gradients import run_gradient_stage
+from diffattr.storage.arrays import ArrayStore, StoreMismatchError, load_store
+from diffattr.storage.checkpoints import work_folder
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +113,13 @@ def test_grid_noise_is_keyed_by_image_kind_timestep_and_draw():
 
 
 def test_epoch_window_holds_each_samples_most_recent_draw_once():
-    from diffattr.train import batch_rows
+    from diffattr.diffusion.draws import batch_rows
 
     n, b, steps = 10, 4, 12  # batches straddle epochs: 40 % 10 == 0 only every 5 steps
-    rows = np.concatenate([batch_rows(s, b, n, seed=0) for s in range(steps)])
+    rows = np.concatenate([batch_rows(s, b, n, seed=0)[0] for s in range(steps)])
     log = ReplayLog(
         np.repeat(np.arange(steps), b).astype(np.int32),
+        np.arange(steps * b, dtype=np.int32) // n,
         rows + 100,
         np.zeros(steps * b, np.int16),
         np.zeros(steps * b, np.float32),
@@ -129,7 +137,12 @@ def test_epoch_window_holds_each_samples_most_recent_draw_once():
 def test_interval_window_spans_the_steps_since_the_previous_checkpoint():
     steps = np.repeat(np.arange(10), 4).astype(np.int32)
     log = ReplayLog(
-        steps, np.arange(40), np.zeros(40, np.int16), np.zeros(40, np.float32), {"batch_size": 4}
+        steps,
+        np.arange(40, dtype=np.int32) // 10,
+        np.arange(40),
+        np.zeros(40, np.int16),
+        np.zeros(40, np.float32),
+        {"batch_size": 4},
     )
     interval = replay_window(log, checkpoint=10, previous=5, window="interval")
     assert sorted(set(log.step[interval])) == [5, 6, 7, 8, 9]

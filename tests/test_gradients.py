@@ -8,19 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr.diffusion import (
-    add_noise,
-    build_scheduler,
-    build_unet,
-    per_sample_loss,
-    predict_eps,
-    train_noise,
-    unet_config,
-)
-from diffattr.gradients import PerSampleGradients
-from diffattr.items import replay_items
-from diffattr.replay import ReplayLog
-from diffattr.train import load_trained, train
+from diffattr.diffusion.draws import train_noise
+from diffattr.diffusion.model import build_unet, predict_eps, unet_config
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.diffusion.schedule import add_noise, build_scheduler
+from diffattr.diffusion.task import per_sample_loss
+from diffattr.diffusion.training import load_trained, train
+from diffattr.gradients.engines import PerSampleGradients
+from diffattr.gradients.items import replay_items
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +120,7 @@ def test_replayed_gradient_equals_the_gradient_of_the_logged_training_loss(
     ids = log.sample_id[events]
     x0 = tiny_dataset.images[torch.from_numpy(tiny_dataset.positions(ids))]
     t = torch.from_numpy(log.t[events].astype(np.int64))
-    eps = train_noise(train_params.seed, 4, ids, (1, 8, 8))
+    eps = train_noise(train_params.seed, 4, log.epoch[events], ids, (1, 8, 8))
     losses = per_sample_loss(
         predict_eps(model, add_noise(x0, eps, t, sched.alphas_cumprod), t), eps, "l2"
     )

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from diffattr.diffusion import build_unet, unet_config
-from diffattr.methods.kfac import (
+from diffattr.diffusion.model import build_unet, unet_config
+from diffattr.gradients.kfac import (
     curvature_layers,
     fit_kfac,
     influence,

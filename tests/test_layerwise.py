@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffattr.gradients import resolve_engine
-from diffattr.layerwise import LayerwiseGradients, layer_gradients, unsupported_modules
+from diffattr.gradients.engines import resolve_engine
+from diffattr.gradients.layerwise import LayerwiseGradients, layer_gradients, unsupported_modules
 
 
 def _loop_reference(module: nn.Module, a: torch.Tensor, r: torch.Tensor, group: int):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffattr.metrics import (
+from diffattr.evaluation.metrics import (
     generally_influential,
     lds,
     outlier_share,

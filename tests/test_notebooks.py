@@ -9,8 +9,8 @@ import numpy as np
 import papermill as pm
 import pytest
 
-from diffattr.methods.scores import Scores
-from diffattr.store import load_store
+from diffattr.artifacts.scores import Scores
+from diffattr.storage.arrays import load_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

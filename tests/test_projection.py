@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr import projection as proj
-from diffattr.projection import (
+from diffattr import rng as keyed
+from diffattr.gradients import projection as proj
+from diffattr.gradients.projection import (
     PROJECTION_KINDS,
     DenseProjector,
     IdentityProjector,
@@ -19,6 +20,7 @@ from diffattr.projection import (
     make_projector,
     projector_from_settings,
 )
+from diffattr.rng import Tag
 
 RANDOM_KINDS = ("sparse", "gaussian", "rademacher")
 
@@ -59,8 +61,8 @@ def reference_sparse(g: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Count sketch by an explicit loop over coordinates. g: [B, D] -> [B, k] (float64)."""
     out = np.zeros((g.shape[0], k))
     for i in range(g.shape[1]):
-        bucket = (int(np_hash(seed, 1, np.array([i]))[0]) * k) >> 32
-        sign = 1 - 2 * (int(np_hash(seed, 2, np.array([i]))[0]) >> 31)
+        bucket = (int(np_hash(seed, Tag.SPARSE_BUCKET, np.array([i]))[0]) * k) >> 32
+        sign = 1 - 2 * (int(np_hash(seed, Tag.SPARSE_SIGN, np.array([i]))[0]) >> 31)
         out[:, bucket] += sign * g[:, i]
     return out
 
@@ -70,17 +72,21 @@ def reference_dense(kind: str, d: int, k: int, seed: int) -> np.ndarray:
     p = np.zeros((d, k))
     if kind == "rademacher":
         for i in range(d):
-            a = np_hash(seed, 3, np.array([i]))[0]
+            a = np_hash(seed, Tag.RADEMACHER_ROW, np.array([i]))[0]
             for j in range(k):
-                b = np_hash(seed, 4, np.array([j]))[0]
+                b = np_hash(seed, Tag.RADEMACHER_COL, np.array([j]))[0]
                 p[i, j] = 1.0 - 2.0 * float(np_mix32(a ^ b) >> np.uint64(31))
     else:
         for i in range(d):
-            a = np_hash(seed, 5, np.array([i]))[0]
+            a = np_hash(seed, Tag.GAUSSIAN_ROW, np.array([i]))[0]
             for j in range(k):
                 pair = np.array([j // 2])
-                u1 = (float(np_mix32(a ^ np_hash(seed, 6, pair)[0])) + 0.5) / 2**32
-                u2 = (float(np_mix32(a ^ np_hash(seed, 7, pair)[0])) + 0.5) / 2**32
+                h1, h2 = (
+                    np_hash(seed, Tag.GAUSSIAN_COL_U1, pair)[0],
+                    np_hash(seed, Tag.GAUSSIAN_COL_U2, pair)[0],
+                )
+                u1 = (float(np_mix32(a ^ h1)) + 0.5) / 2**32
+                u2 = (float(np_mix32(a ^ h2)) + 0.5) / 2**32
                 trig = math.cos if j % 2 == 0 else math.sin
                 p[i, j] = math.sqrt(-2.0 * math.log(u1)) * trig(2.0 * math.pi * u2)
     return p / math.sqrt(k)
@@ -103,15 +109,15 @@ def _seed_torch():
 
 def test_mix32_matches_python_and_numpy_references(rng):
     x = np.concatenate([[0, 1, 2**31 - 1, 2**31, 2**32 - 1], rng.integers(0, 2**32, 2000)])
-    got = proj.mix32(torch.from_numpy(x.astype(np.int64))).numpy()
+    got = keyed.mix32(torch.from_numpy(x.astype(np.int64))).numpy()
     assert got.dtype == np.int64 and got.min() >= 0 and got.max() < 2**32
     np.testing.assert_array_equal(got.astype(np.uint64), np_mix32(x))
     for value in x[:50]:
-        assert proj.mix32_int(int(value)) == py_mix32(int(value))
+        assert keyed.mix32_int(int(value)) == py_mix32(int(value))
 
 
 def test_mix32_output_bits_are_balanced():
-    h = proj.mix32(torch.arange(2**16))
+    h = keyed.mix32(torch.arange(2**16))
     bits = torch.stack([(h >> b) & 1 for b in range(32)]).double().mean(dim=1)
     assert torch.all((bits - 0.5).abs() < 0.01), bits
     assert h.unique().numel() == 2**16  # a bijection
@@ -121,7 +127,7 @@ def test_mix32_output_bits_are_balanced():
 @pytest.mark.parametrize("tag", [1, 6])
 def test_hash_index_matches_reference(seed, tag, rng):
     index = np.concatenate([[0, 2**32 - 1], rng.integers(0, 2**32, 500)])
-    got = proj.hash_index(seed, tag, torch.from_numpy(index.astype(np.int64))).numpy()
+    got = keyed.hash_index(seed, tag, torch.from_numpy(index.astype(np.int64))).numpy()
     np.testing.assert_array_equal(got.astype(np.uint64), np_hash(seed, tag, index))
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from diffattr.diffusion import build_scheduler, build_unet, unet_config
-from diffattr.sampling import generate, load_queries, save_queries
+from diffattr.diffusion.model import build_unet, unet_config
+from diffattr.diffusion.sampling import generate, load_queries, save_queries
+from diffattr.diffusion.schedule import build_scheduler
 
 
 def test_a_sample_depends_on_its_seed_alone(tmp_path):

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr import store as store_module
-from diffattr.store import (
-    ArrayStore,
-    StoreIncompleteError,
-    StoreMismatchError,
-    load_store,
-)
+from diffattr.storage import arrays as store_module
+from diffattr.storage.arrays import ArrayStore, StoreIncompleteError, StoreMismatchError, load_store
 
 SETTINGS = {"method": "tracin", "checkpoints": (100, 200), "projection": {"kind": "sparse", "k": 8}}
 ARRAYS = {"features": ((10, 8), "float32"), "norms": ((10,), "float64")}

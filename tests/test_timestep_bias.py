@@ -7,9 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from diffattr.replay import ReplayLog
-from diffattr.store import load_store
-from diffattr.timestep_bias import band_interval, grid_cell, large_norm_band, replay_norms
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.evaluation.timestep_bias import (
+    band_interval,
+    grid_cell,
+    large_norm_band,
+    replay_norms,
+)
+from diffattr.storage.arrays import load_store
 
 
 def test_band_is_the_top_quartile_of_the_mean_profile():

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from diffattr.methods.scores import Scores
+from diffattr.artifacts.scores import Scores
+from diffattr.diffusion.replay import ReplayLog
 from diffattr.methods.tracin import training_image_scores, trajectory_scores
-from diffattr.replay import ReplayLog
-from diffattr.store import load_store
+from diffattr.storage.arrays import load_store
 
 
 def _brute_force(gradient_dir, log, method, side, last_only=False):
@@ -150,7 +150,11 @@ def test_image_tracing_scores_equal_the_formula_at_the_last_checkpoint(smoke_pip
             if method == "retrac":
                 vecs = [v / np.linalg.norm(v) for v in vecs]
             expected = lr * g_q @ sum(vecs)
-            np.testing.assert_allclose(scores.values[qi, col], expected, rtol=1e-4)
+            # float32 features: allow rounding relative to the terms, not to a cancelled sum
+            scale = lr * np.linalg.norm(g_q) * sum(np.linalg.norm(v) for v in vecs)
+            np.testing.assert_allclose(
+                scores.values[qi, col], expected, rtol=1e-4, atol=1e-6 * scale
+            )
 
 
 def test_the_interval_window_gives_samples_several_draws_or_none(smoke_pipeline_interval):

@@ -14,28 +14,27 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr import train as train_mod
-from diffattr.checkpoints import checkpoint_name, load_checkpoint, settings_hash
-from diffattr.diffusion import add_noise, build_scheduler, per_sample_loss, predict_eps, train_noise
+from diffattr.diffusion import training as train_mod
+from diffattr.diffusion.draws import batch_rows, train_noise
+from diffattr.diffusion.model import predict_eps
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.diffusion.schedule import add_noise, build_scheduler
+from diffattr.diffusion.task import per_sample_loss
+from diffattr.diffusion.training import NonFiniteLossError, load_trained, lr_at, run_settings, train
 from diffattr.params import TrainParams
-from diffattr.replay import ReplayLog
-from diffattr.train import (
-    NonFiniteLossError,
-    batch_rows,
-    load_trained,
-    lr_at,
-    run_settings,
-    train,
-)
+from diffattr.storage.checkpoints import checkpoint_name, load_checkpoint, settings_hash
 
 
 def test_batches_show_every_sample_once_per_epoch():
     n, b = 10, 4
-    rows = np.concatenate([batch_rows(s, b, n, seed=3) for s in range(5)])  # 2 epochs
+    parts = [batch_rows(s, b, n, seed=3) for s in range(5)]  # 2 epochs
+    rows = np.concatenate([r for r, _ in parts])
+    epochs = np.concatenate([e for _, e in parts])
     assert sorted(rows[:n]) == list(range(n))
     assert sorted(rows[n : 2 * n]) == list(range(n))
+    assert np.array_equal(epochs, np.arange(5 * b) // n)
     assert not np.array_equal(rows[:n], rows[n : 2 * n])  # a new order each epoch
-    assert np.array_equal(batch_rows(2, b, n, seed=3), batch_rows(2, b, n, seed=3))
+    assert np.array_equal(batch_rows(2, b, n, seed=3)[0], batch_rows(2, b, n, seed=3)[0])
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero_by_cosine():
@@ -62,7 +61,9 @@ def test_logged_losses_are_recomputed_exactly_from_the_log_alone(
         rows = log.events(step, step)
         ids = log.sample_id[rows]
         t = torch.from_numpy(log.t[rows].astype(np.int64))
-        eps = train_noise(log.settings["seed"], step, ids, log.settings["image_shape"])
+        eps = train_noise(
+            log.settings["seed"], step, log.epoch[rows], ids, log.settings["image_shape"]
+        )
         x0 = tiny_dataset.images[torch.from_numpy(tiny_dataset.positions(ids))]
         x_t = add_noise(x0, eps, t, scheduler.alphas_cumprod)
         with torch.no_grad():
@@ -89,9 +90,9 @@ _KILLABLE_RUN = """
 import sys, torch
 torch.set_num_threads(1)
 import numpy as np
-from diffattr.data import ImageDataset
+from diffattr.data.datasets import ImageDataset
 from diffattr.params import ModelParams, TrainParams
-from diffattr.train import train
+from diffattr.diffusion.training import train
 g = torch.Generator().manual_seed(0)
 ds = ImageDataset("tiny", torch.rand(40, 1, 8, 8, generator=g) * 2 - 1,
                   np.arange(40) * 3 + 7, np.zeros(40, np.int64), np.zeros(40, bool))
@@ -173,7 +174,7 @@ def test_non_finite_loss_stops_naming_step_and_sample_ids(
     monkeypatch.setattr(train_mod, "per_sample_loss", poisoned)
     with pytest.raises(NonFiniteLossError) as err:
         train(tiny_dataset, model_params, train_params, tmp_path / "run", progress=False)
-    bad_id = tiny_dataset.ids[batch_rows(2, train_params.batch_size, len(tiny_dataset), 0)[1]]
+    bad_id = tiny_dataset.ids[batch_rows(2, train_params.batch_size, len(tiny_dataset), 0)[0][1]]
     assert "step 2" in str(err.value) and str(bad_id) in str(err.value)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffattr.methods.trak import damped_scores, trak_scores
-from diffattr.store import load_store
+from diffattr.storage.arrays import load_store
 
 
 @pytest.mark.parametrize(("n", "k"), [(12, 5), (5, 12)], ids=["more samples", "more features"])

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
-from diffattr.data import DATASET_NAMES, ImageDataset, load_dataset
-from diffattr.diffusion import LOSS_KINDS, SCHEDULES, UNET_CONFIGS
+from diffattr.data.datasets import DATASET_NAMES, ImageDataset, load_dataset
+from diffattr.diffusion.model import UNET_CONFIGS
+from diffattr.diffusion.schedule import SCHEDULES
+from diffattr.diffusion.task import LOSS_KINDS
 
 
 @dataclass

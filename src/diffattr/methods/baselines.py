@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffattr.methods.scores import Scores
+from diffattr.artifacts.scores import Scores
 
 
 def random_scores(like: Scores, seed: int = 0) -> Scores:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattr.data import find_ids
-from diffattr.methods.scores import Scores
-from diffattr.replay import ReplayLog
-from diffattr.store import load_store
+from diffattr.artifacts.scores import Scores
+from diffattr.data.datasets import find_ids
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.storage.arrays import load_store
 
 METHODS = ("tracin", "retrac", "cosine")
 TRAIN_SIDES = ("replay", "grid")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattr.methods.scores import Scores
+from diffattr.artifacts.scores import Scores
 from diffattr.methods.tracin import index_scores, load_index, store_provenance
-from diffattr.store import load_store
+from diffattr.storage.arrays import load_store
 
 FEATURES = {
     "trak": ("train_grid_features", "query_features"),

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffattr.data import ImageDataset
-from diffattr.diffusion import TAG_GRID_EPS, keyed_normal, train_noise
-from diffattr.replay import ReplayLog
+from diffattr.data.datasets import ImageDataset
+from diffattr.diffusion.draws import train_noise
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.rng import Tag, keyed_normal
 
 # Who an image is, in grid-noise keys (so a query and a training image never share draws).
 KIND_TRAIN = 0
@@ -70,7 +71,7 @@ def grid_items(
 
     def noise(rows: np.ndarray) -> torch.Tensor:
         cells = [
-            (seed, TAG_GRID_EPS, kind, int(keys[r]), int(t), s)
+            (seed, Tag.GRID_EPS, kind, int(keys[r]), int(t), s)
             for r in rows
             for t in grid
             for s in range(draws)
@@ -84,13 +85,16 @@ def replay_items(dataset: ImageDataset, log: ReplayLog, events: np.ndarray) -> I
     """The training draws of the given replay-log rows, exactly as training made them
     (same image, t and ε): N = len(events), M = S = 1."""
     seed, shape = log.settings["seed"], tuple(dataset.image_shape)
-    sample_ids, steps = log.sample_id[events], log.step[events]
+    sample_ids, steps, epochs = log.sample_id[events], log.step[events], log.epoch[events]
     x0 = dataset.images[torch.from_numpy(dataset.positions(sample_ids))]
     t = torch.from_numpy(log.t[events].astype(np.int64)).unsqueeze(1)
 
     def noise(rows: np.ndarray) -> torch.Tensor:
         eps = torch.cat(
-            [train_noise(seed, int(steps[r]), [int(sample_ids[r])], shape) for r in rows]
+            [
+                train_noise(seed, int(steps[r]), [int(epochs[r])], [int(sample_ids[r])], shape)
+                for r in rows
+            ]
         )
         return eps.reshape(len(rows), 1, 1, *shape)
 

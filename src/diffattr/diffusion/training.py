@@ -1,7 +1,7 @@
 """DDPM training: AdamW, warm-up, optional cosine decay, EMA, clipping, checkpoints, replay log,
 resume.
 
-Everything random is keyed by (seed, step, sample id), so a run interrupted at any point and
+Everything random is keyed by (seed, epoch, step, sample id), so a run interrupted at any point and
 resumed from its last checkpoint ends with exactly the weights of an uninterrupted run.
 """
 
@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffattr.checkpoints import (
+from diffattr.data.datasets import ImageDataset
+from diffattr.diffusion.draws import batch_rows, train_noise, train_timesteps
+from diffattr.diffusion.model import build_unet, predict_eps, unet_config
+from diffattr.diffusion.replay import FORMAT_VERSION, ReplayLog
+from diffattr.diffusion.schedule import add_noise, build_scheduler
+from diffattr.diffusion.task import per_sample_loss
+from diffattr.params import ModelParams, TrainParams, resolve_checkpoint_steps
+from diffattr.storage.checkpoints import (
     checkpoint_name,
     load_checkpoint,
     save_checkpoint,
@@ -29,20 +36,6 @@ from diffattr.checkpoints import (
     weights_hash,
     work_folder,
 )
-from diffattr.data import ImageDataset
-from diffattr.diffusion import (
-    add_noise,
-    build_scheduler,
-    build_unet,
-    epoch_permutation,
-    per_sample_loss,
-    predict_eps,
-    train_noise,
-    train_timesteps,
-    unet_config,
-)
-from diffattr.params import ModelParams, TrainParams, resolve_checkpoint_steps
-from diffattr.replay import ReplayLog
 
 RESUME_FILE = "resume.pt"
 
@@ -75,18 +68,6 @@ def lr_at(step: int, cfg: TrainParams) -> float:
     span = max(cfg.steps - cfg.warmup_steps, 1)
     progress = (step - cfg.warmup_steps) / span
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def batch_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
-    """Row positions of the batch at `step`: a stream of seeded epoch permutations, cut in
-    consecutive batches (each epoch shows every sample once). Returns [batch_size] int64."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs = positions // n
-    out = np.empty(batch_size, np.int64)
-    for epoch in np.unique(epochs):
-        sel = epochs == epoch
-        out[sel] = epoch_permutation(seed, int(epoch), n)[positions[sel] % n]
-    return out
 
 
 def run_settings(
@@ -136,6 +117,7 @@ class _Run:
     def log_settings(self, dataset: ImageDataset) -> dict:
         tc, mc = self.settings["train"], self.settings["model"]
         return {
+            "format_version": FORMAT_VERSION,
             "seed": tc["seed"],
             "batch_size": tc["batch_size"],
             "num_train_timesteps": mc["num_train_timesteps"],
@@ -252,10 +234,11 @@ def train(
     run.model.train()
     while run.step < train_cfg.steps:
         step = run.step
-        rows = batch_rows(step, train_cfg.batch_size, len(dataset), train_cfg.seed)
+        rows, epochs = batch_rows(step, train_cfg.batch_size, len(dataset), train_cfg.seed)
         ids = dataset.ids[rows]
-        t = train_timesteps(train_cfg.seed, step, ids, model_cfg.num_train_timesteps).to(device)
-        eps = train_noise(train_cfg.seed, step, ids, dataset.image_shape, device)
+        t = train_timesteps(train_cfg.seed, step, epochs, ids, model_cfg.num_train_timesteps)
+        t = t.to(device)
+        eps = train_noise(train_cfg.seed, step, epochs, ids, dataset.image_shape, device)
         x_t = add_noise(images[rows], eps, t, alphas_cumprod)
         losses = per_sample_loss(predict_eps(run.model, x_t, t), eps, model_cfg.loss)
         finite = torch.isfinite(losses)
@@ -275,7 +258,7 @@ def train(
         run.optimizer.step()
         _ema_update(run.ema, run.model, min(train_cfg.ema_decay, (1 + step) / (10 + step)))
         loss_values = losses.detach().cpu().numpy()
-        run.log.record(step, ids, t.cpu().numpy(), loss_values)
+        run.log.record(step, epochs, ids, t.cpu().numpy(), loss_values)
         run.loss_history[step] = loss_values.mean()
         run.step = step + 1
         if run.step in keep_steps:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattr.items import timestep_grid
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.gradients.items import timestep_grid
 from diffattr.methods.tracin import _positions, check_log_matches, load_index, trajectory_stores
-from diffattr.replay import ReplayLog
-from diffattr.store import load_store
+from diffattr.storage.arrays import load_store
 
 
 def profile_norms(arrays: dict[str, np.ndarray], n_timesteps: int, draws: int) -> np.ndarray:

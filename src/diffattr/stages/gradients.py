@@ -23,18 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffattr.checkpoints import (
-    checkpoint_name,
-    settings_diff,
-    settings_hash,
-    weights_hash,
-    work_folder,
-)
-from diffattr.data import ImageDataset
-from diffattr.diffusion import build_scheduler, unet_config
-from diffattr.extraction import Throughput, array_specs, extract
-from diffattr.gradients import PerSampleGradients, resolve_engine
-from diffattr.items import (
+from diffattr.artifacts.queries import load_query_set
+from diffattr.data.datasets import ImageDataset
+from diffattr.diffusion.model import unet_config
+from diffattr.diffusion.replay import ReplayLog
+from diffattr.diffusion.schedule import build_scheduler
+from diffattr.diffusion.training import load_trained, run_settings
+from diffattr.gradients.engines import PerSampleGradients, resolve_engine
+from diffattr.gradients.extraction import Throughput, array_specs, extract
+from diffattr.gradients.items import (
     KIND_TRAIN,
     ItemSet,
     grid_items,
@@ -42,12 +39,16 @@ from diffattr.items import (
     replay_window,
     timestep_grid,
 )
+from diffattr.gradients.projection import Projector, make_projector
 from diffattr.params import Params
-from diffattr.projection import Projector, make_projector
-from diffattr.queries import load_query_set
-from diffattr.replay import ReplayLog
-from diffattr.store import ArrayStore
-from diffattr.train import load_trained, run_settings
+from diffattr.storage.arrays import ArrayStore
+from diffattr.storage.checkpoints import (
+    checkpoint_name,
+    settings_diff,
+    settings_hash,
+    weights_hash,
+    work_folder,
+)
 
 FORMAT_VERSION = 1
 

@@ -22,16 +22,15 @@ second moments of the per-sample pseudo-gradients Σ_l g_l a_lᵀ in that basis.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from diffattr.layerwise import _patches, plain_conv2d, stock_layer_type
+from diffattr.diffusion.task import FISHER_TYPES, ggn_backprop_vectors, output_hessian_scale
+from diffattr.gradients.layerwise import conv_patches, plain_conv2d, stock_layer_type
 
-FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
 
 
@@ -59,7 +58,7 @@ def layer_inputs(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """[N, L, din]: the inputs each output position of the layer sees, with a ones column for
     the bias (L = tokens of a Linear, output pixels of a Conv2d)."""
     if isinstance(module, nn.Conv2d):
-        x = _patches(module, a).transpose(1, 2)
+        x = conv_patches(module, a).transpose(1, 2)
     else:
         x = a.reshape(a.shape[0], -1, a.shape[-1])
     if module.bias is not None:
@@ -133,28 +132,6 @@ def _vector_count(fisher: str, d: int, mc_samples: int) -> int:
     return d if fisher == "type2" else mc_samples if fisher == "mc" else 1
 
 
-def _backprop_vectors(
-    eps_pred: torch.Tensor, eps: torch.Tensor, fisher: str, mc_samples: int, gen: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Vectors v [N, D], one at a time, whose outer products average to this batch's per-sample
-    GGN factor."""
-    n, d = eps_pred.shape
-    scale = math.sqrt(2.0 / d)
-    if fisher == "type2":
-        for k in range(d):
-            v = torch.zeros_like(eps_pred)
-            v[:, k] = scale
-            yield v
-    elif fisher == "mc":
-        for _ in range(mc_samples):
-            z = torch.randn(n, d, generator=gen, dtype=eps_pred.dtype).to(eps_pred.device)
-            yield scale * z / math.sqrt(mc_samples)
-    else:
-        if eps is None:
-            raise ValueError("the empirical Fisher needs the noise ε of every batch")
-        yield (2.0 / d) * (eps_pred - eps.reshape(n, d).to(eps_pred)).detach()
-
-
 def _fingerprint(x_t: torch.Tensor, eps: torch.Tensor | None) -> tuple:
     """A cheap identity of a batch, to check that EK-FAC's second pass sees the same data."""
     parts = [tuple(x_t.shape), float(x_t.double().sum()), float(x_t.double().square().sum())]
@@ -170,6 +147,7 @@ def _layer_passes(
     fisher: str,
     mc_samples: int,
     seed: int,
+    loss_kind: str,
 ) -> Iterator[tuple[tuple, dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor]]]]:
     """Per batch: (fingerprint, layer inputs {name: [N, L, din]}, output grads per vector
     {name: [N, L, dout]}, zeros for a layer the vector does not reach)."""
@@ -205,7 +183,7 @@ def _layer_passes(
         count = _vector_count(fisher, eps_pred.shape[1], mc_samples)
 
         def grads(eps_pred=eps_pred, eps=eps, outputs=outputs, count=count, names=names):
-            vectors = _backprop_vectors(eps_pred, eps, fisher, mc_samples, gen)
+            vectors = ggn_backprop_vectors(eps_pred, eps, loss_kind, fisher, mc_samples, gen)
             for i, v in enumerate(vectors):
                 g = torch.autograd.grad(
                     eps_pred, outputs, v, retain_graph=i < count - 1, allow_unused=True
@@ -226,6 +204,7 @@ def fit_kfac(
     mc_samples: int = 1,
     eigen_correction: bool = True,
     seed: int = 0,
+    loss_kind: str = "l2",
 ) -> KFAC:
     """K-FAC (and, with eigen_correction, EK-FAC) factors of an ε-prediction UNet's GGN.
 
@@ -234,8 +213,10 @@ def fit_kfac(
     ε [N, C, H, W] or None for type2 / mc) — called twice for EK-FAC (factors, then corrections
     in their eigenbasis), and it must yield the same batches each time (checked). Factors are
     float64. The corrections use each sample's exact pseudo-gradient Σ_l g_l a_lᵀ, for both
-    weight-sharing approximations.
+    weight-sharing approximations. loss_kind: the run's loss; "l1" is refused (its GGN is zero,
+    `diffusion.task.output_hessian_scale`).
     """
+    output_hessian_scale(loss_kind, 1)  # refuses l1 before any work
     if fisher not in FISHER_TYPES:
         raise ValueError(f"unknown fisher type {fisher!r}; choose one of {list(FISHER_TYPES)}")
     if approx not in APPROXIMATIONS:
@@ -250,7 +231,7 @@ def fit_kfac(
         g_sum: dict[str, torch.Tensor] = {}
         fingerprints, count = [], 0
         for fingerprint, inputs, grads in _layer_passes(
-            model, layers, batches(), fisher, mc_samples, seed
+            model, layers, batches(), fisher, mc_samples, seed, loss_kind
         ):
             fingerprints.append(fingerprint)
             n = next(iter(inputs.values())).shape[0]
@@ -285,11 +266,12 @@ def fit_kfac(
                 "layers": list(layers),
                 "n_samples": count,
                 "eigen_correction": eigen_correction,
+                "loss": loss_kind,
             },
         )
         if eigen_correction:
             kfac.corrections = _eigen_corrections(
-                kfac, model, layers, batches, fisher, mc_samples, seed, fingerprints
+                kfac, model, layers, batches, fisher, mc_samples, seed, loss_kind, fingerprints
             )
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
@@ -297,11 +279,13 @@ def fit_kfac(
     return kfac
 
 
-def _eigen_corrections(kfac, model, layers, batches, fisher, mc_samples, seed, fingerprints):
+def _eigen_corrections(
+    kfac, model, layers, batches, fisher, mc_samples, seed, loss_kind, fingerprints
+):
     """E[(Q_Gᵀ (Σ_l g_l a_lᵀ) Q_A)²] over samples and backprop vectors: [dout, din] per layer."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    passes = _layer_passes(model, layers, batches(), fisher, mc_samples, seed)
+    passes = _layer_passes(model, layers, batches(), fisher, mc_samples, seed, loss_kind)
     for i, (fingerprint, inputs, grads) in enumerate(passes):
         if i >= len(fingerprints) or fingerprint != fingerprints[i]:
             raise ValueError(

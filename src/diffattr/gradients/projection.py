@@ -36,28 +36,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from diffattr.rng import Tag, hash_index, mix32_, uniform_open01
+
 PROJECTION_KINDS = ("sparse", "gaussian", "rademacher", "none")
 
 # Version of the hash and of how entries are derived from it; recorded in `settings()` so that a
 # store made with another scheme is refused rather than silently mixed.
-HASH_SCHEME = 1
-
-MASK32 = 0xFFFFFFFF
-# A 32-bit finaliser from Chris Wellons' hash-prospector (the "[16 21f0aaad 15 735a2d97 15]"
-# variant of lowbias32): a bijection of [0, 2^32) with low avalanche bias. Both multipliers are
-# below 2^31, so x·c < 2^63 for x < 2^32 and int64 tensor arithmetic never overflows.
-_MIX_SHIFTS = (16, 15, 15)
-_MIX_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
-_HASH_INIT = 0x243F6A88  # first digits of pi, the initial state of `hash_prefix`
-
-# One tag per purpose of a hashed word, so that different uses never share a stream.
-TAG_SPARSE_BUCKET = 1
-TAG_SPARSE_SIGN = 2
-TAG_RADEMACHER_ROW = 3
-TAG_RADEMACHER_COL = 4
-TAG_GAUSSIAN_ROW = 5
-TAG_GAUSSIAN_COL_U1 = 6
-TAG_GAUSSIAN_COL_U2 = 7
+HASH_SCHEME = 2  # 2: tags from diffattr.rng.Tag
 
 # Default size of one float32 block of P in the dense projector ([block_size, k], 64 MB).
 _BLOCK_BYTES = 64 * 2**20
@@ -69,73 +54,6 @@ _GEN_ENTRIES_CPU = 2**21
 _GEN_ENTRIES_ACCEL = 2**22
 _SPARSE_DEFAULT_BLOCK = 2**20
 _TABLE_BLOCK = 2**22
-
-
-# --------------------------------------------------------------------------------------------
-# The integer hash
-
-
-def mix32_int(x: int) -> int:
-    """The 32-bit finaliser on a Python int in [0, 2^32); returns an int in [0, 2^32)."""
-    s1, s2, s3 = _MIX_SHIFTS
-    c1, c2 = _MIX_MULTIPLIERS
-    x ^= x >> s1
-    x = (x * c1) & MASK32
-    x ^= x >> s2
-    x = (x * c2) & MASK32
-    x ^= x >> s3
-    return x
-
-
-def mix32_(x: torch.Tensor) -> torch.Tensor:
-    """In place 32-bit finaliser on an int64 tensor with values in [0, 2^32); returns ``x``.
-
-    Values stay non-negative and below 2^63, so arithmetic shifts act as logical ones and the
-    result is the same on every device.
-    """
-    if x.dtype != torch.int64:
-        raise ValueError(f"mix32_ expects an int64 tensor, got {x.dtype}")
-    s1, s2, s3 = _MIX_SHIFTS
-    c1, c2 = _MIX_MULTIPLIERS
-    tmp = torch.empty_like(x)
-    x ^= torch.bitwise_right_shift(x, s1, out=tmp)
-    x.mul_(c1).bitwise_and_(MASK32)
-    x ^= torch.bitwise_right_shift(x, s2, out=tmp)
-    x.mul_(c2).bitwise_and_(MASK32)
-    x ^= torch.bitwise_right_shift(x, s3, out=tmp)
-    return x
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit finaliser of int64 values in [0, 2^32); returns a new int64 tensor, same shape."""
-    return mix32_(x.to(torch.int64, copy=True))
-
-
-def hash_prefix(seed: int, tag: int) -> int:
-    """Hash state after absorbing the words (seed low 32 bits, seed high 32 bits, tag).
-
-    The state absorbs a word ``w`` as ``h = mix32(h ^ w)``; ``hash_index`` absorbs the last one.
-    """
-    h = _HASH_INIT
-    for word in (seed & MASK32, seed >> 32, tag):
-        h = mix32_int(h ^ word)
-    return h
-
-
-def hash_index(seed: int, tag: int, index: torch.Tensor) -> torch.Tensor:
-    """Hash of the words (seed_lo, seed_hi, tag, index) for every element of ``index``.
-
-    index: int tensor of values in [0, 2^32), any shape and device. Returns int64 values in
-    [0, 2^32), same shape and device; distinct indices give distinct hashes (a bijection).
-    """
-    x = index.to(torch.int64, copy=True)
-    x ^= hash_prefix(seed, tag)
-    return mix32_(x)
-
-
-def _uniform_open01(h: torch.Tensor) -> torch.Tensor:
-    """Map 32-bit hashes to float64 uniforms in (0, 1), exactly: (h + 0.5) / 2^32."""
-    return (h.to(torch.float64) + 0.5) * 2.0**-32
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,9 +194,9 @@ class SparseSketchProjector(Projector):
             sign = torch.empty(self.dim_in, dtype=torch.int8, device=device)
             for start, stop in _blocks(self.dim_in, _TABLE_BLOCK):
                 idx = torch.arange(start, stop, dtype=torch.int64, device=device)
-                u = hash_index(self.seed, TAG_SPARSE_BUCKET, idx)
+                u = hash_index(self.seed, Tag.SPARSE_BUCKET, idx)
                 bucket[start:stop] = (u * self.dim_out) >> 32
-                u = hash_index(self.seed, TAG_SPARSE_SIGN, idx)
+                u = hash_index(self.seed, Tag.SPARSE_SIGN, idx)
                 sign[start:stop] = (1 - 2 * (u >> 31)).to(torch.int8)
             self._tables[device] = (bucket, sign)
         return self._tables[device]
@@ -368,12 +286,12 @@ class DenseProjector(Projector):
         if device not in self._col_keys:
             if self.kind == "rademacher":
                 cols = torch.arange(self.dim_out, dtype=torch.int64, device=device)
-                keys = (hash_index(self.seed, TAG_RADEMACHER_COL, cols),)
+                keys = (hash_index(self.seed, Tag.RADEMACHER_COL, cols),)
             else:
                 pairs = torch.arange((self.dim_out + 1) // 2, dtype=torch.int64, device=device)
                 keys = (
-                    hash_index(self.seed, TAG_GAUSSIAN_COL_U1, pairs),
-                    hash_index(self.seed, TAG_GAUSSIAN_COL_U2, pairs),
+                    hash_index(self.seed, Tag.GAUSSIAN_COL_U1, pairs),
+                    hash_index(self.seed, Tag.GAUSSIAN_COL_U2, pairs),
                 )
             self._col_keys[device] = keys
         return self._col_keys[device]
@@ -406,16 +324,16 @@ class DenseProjector(Projector):
         scale = 1.0 / math.sqrt(self.dim_out)
         if self.kind == "rademacher":
             (b,) = self._columns(device)
-            h = hash_index(self.seed, TAG_RADEMACHER_ROW, rows)[:, None] ^ b[None, :]
+            h = hash_index(self.seed, Tag.RADEMACHER_ROW, rows)[:, None] ^ b[None, :]
             mix32_(h)
             h >>= 31
             out.copy_(h)
             out.mul_(-2.0 * scale).add_(scale)  # bit 0 -> +1/√k, bit 1 -> -1/√k
             return
         b1, b2 = self._columns(device)
-        a = hash_index(self.seed, TAG_GAUSSIAN_ROW, rows)[:, None]
-        radius = _uniform_open01(mix32_(a ^ b1[None, :])).log_().mul_(-2.0).sqrt_()
-        angle = _uniform_open01(mix32_(a ^ b2[None, :])).mul_(2.0 * math.pi)
+        a = hash_index(self.seed, Tag.GAUSSIAN_ROW, rows)[:, None]
+        radius = uniform_open01(mix32_(a ^ b1[None, :])).log_().mul_(-2.0).sqrt_()
+        angle = uniform_open01(mix32_(a ^ b2[None, :])).mul_(2.0 * math.pi)
         z = torch.stack((torch.cos(angle), torch.sin(angle)), dim=-1)
         del angle
         z.mul_(radius[..., None].mul_(scale))

@@ -1,7 +1,7 @@
 """The replay log: which sample training drew at which step, and with which timestep.
 
-Noise is not stored: ε of an event is regenerated from the key (seed, step, sample id)
-(`diffusion.train_noise`), so every gradient training took can be recomputed exactly.
+Noise is not stored: ε of an event is regenerated from the key (seed, epoch, step, sample id)
+(`diffusion.draws.train_noise`), so every gradient training took can be recomputed exactly.
 """
 
 from __future__ import annotations
@@ -12,17 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
+# 2: every event records its epoch, part of its draw's key.
+FORMAT_VERSION = 2
+
 
 @dataclass
 class ReplayLog:
     """One row per (step, sample) event of training.
 
     step: int32 [E] (the update it contributed to, 0-based; weights before it are θ_step);
+    epoch: int32 [E] (the pass over the data the draw belongs to; part of the draw's key);
     sample_id: int64 [E]; t: int16 [E]; loss: float32 [E], the per-sample loss training computed;
     settings: seed, T, loss kind, batch size, … needed to regenerate the draws.
     """
 
     step: np.ndarray
+    epoch: np.ndarray
     sample_id: np.ndarray
     t: np.ndarray
     loss: np.ndarray
@@ -41,6 +46,7 @@ class ReplayLog:
         n = steps * batch_size
         fields = {
             "step": (np.int32, -1),
+            "epoch": (np.int32, -1),
             "sample_id": (np.int64, -1),
             "t": (np.int16, 0),
             "loss": (np.float32, np.nan),
@@ -62,7 +68,7 @@ class ReplayLog:
 
     def flush(self) -> None:
         """Write memory-mapped arrays to disk (no-op in memory)."""
-        for array in (self.step, self.sample_id, self.t, self.loss):
+        for array in (self.step, self.epoch, self.sample_id, self.t, self.loss):
             if isinstance(array, np.memmap):
                 array.flush()
 
@@ -71,11 +77,19 @@ class ReplayLog:
         b = int(self.settings["batch_size"])
         return bool((self.step[: steps_done * b] == np.repeat(np.arange(steps_done), b)).all())
 
-    def record(self, step: int, sample_ids: np.ndarray, t: np.ndarray, loss: np.ndarray) -> None:
+    def record(
+        self,
+        step: int,
+        epochs: np.ndarray,
+        sample_ids: np.ndarray,
+        t: np.ndarray,
+        loss: np.ndarray,
+    ) -> None:
         """Store the events of one step (rows step·B … step·B + B − 1)."""
         b = len(sample_ids)
         rows = slice(step * b, step * b + b)
         self.step[rows] = step
+        self.epoch[rows] = epochs
         self.sample_id[rows] = sample_ids
         self.t[rows] = t
         self.loss[rows] = loss
@@ -84,7 +98,12 @@ class ReplayLog:
         """The events of steps [0, steps_done) only."""
         keep = (self.step >= 0) & (self.step < steps_done)
         return ReplayLog(
-            self.step[keep], self.sample_id[keep], self.t[keep], self.loss[keep], self.settings
+            self.step[keep],
+            self.epoch[keep],
+            self.sample_id[keep],
+            self.t[keep],
+            self.loss[keep],
+            self.settings,
         )
 
     def events(self, first_step: int, last_step: int) -> np.ndarray:
@@ -99,6 +118,7 @@ class ReplayLog:
         np.savez_compressed(
             path,
             step=self.step[keep],
+            epoch=self.epoch[keep],
             sample_id=self.sample_id[keep],
             t=self.t[keep],
             loss=self.loss[keep],
@@ -111,4 +131,23 @@ class ReplayLog:
         if not path.exists():
             raise FileNotFoundError(f"no replay log at {path}; run the training stage first")
         with np.load(path) as f:
-            return cls(f["step"], f["sample_id"], f["t"], f["loss"], json.loads(str(f["settings"])))
+            settings = json.loads(str(f["settings"]))
+            check_format(settings.get("format_version"), path)
+            return cls(
+                f["step"], f["epoch"], f["sample_id"], f["t"], f["loss"], settings
+            )
+
+
+def check_format(found: object, path: Path) -> None:
+    """Refuse a replay log written in another format (ValueError saying what to do)."""
+    if found != FORMAT_VERSION:
+        newer = isinstance(found, int) and found > FORMAT_VERSION
+        raise ValueError(
+            f"{path} is a replay log of format {found or 1}, this code reads format "
+            f"{FORMAT_VERSION}: "
+            + (
+                "update diffattr (git pull) to read it"
+                if newer
+                else "it predates the epoch-keyed draws; retrain with `dvc repro train`"
+            )
+        )

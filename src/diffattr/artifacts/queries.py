@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffattr.data import ImageDataset
-from diffattr.items import KIND_GENERATED, KIND_HELDOUT, ItemSet, concat_items, grid_items
-from diffattr.sampling import load_queries
+from diffattr.data.datasets import ImageDataset
+from diffattr.diffusion.sampling import load_queries
+from diffattr.gradients.items import KIND_GENERATED, KIND_HELDOUT, ItemSet, concat_items, grid_items
 
 
 @dataclass

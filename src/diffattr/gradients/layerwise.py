@@ -219,7 +219,7 @@ def conv2d_gradients(
     if conv.stride == (1, 1) and conv.kernel_size != (1, 1):
         weight = _conv_weight_by_offsets(conv, a, g, workspace.get if workspace else _fresh)
     else:
-        patches = _patches(conv, a)  # [N, C·kh·kw, Ho·Wo]
+        patches = conv_patches(conv, a)  # [N, C·kh·kw, Ho·Wo]
         weight = torch.bmm(g.flatten(2), patches.transpose(1, 2))
         weight = weight.view(*weight.shape[:2], conv.in_channels, -1)
     parts = {"weight": _sum_groups(weight, group)}
@@ -263,7 +263,7 @@ def _conv_weight_by_offsets(
     return per_offset.permute(1, 2, 3, 0)
 
 
-def _patches(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+def conv_patches(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """The conv's input patches [N, C·kh·kw, Ho·Wo] via a strided view (faster than F.unfold)."""
     kh, kw = conv.kernel_size
     sh, sw = conv.stride

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from diffattr.store import setting_differences
+from diffattr.storage.arrays import setting_differences
 
 
 def settings_hash(settings: dict) -> str:

@@ -24,16 +24,15 @@ Both agree with a per-item autograd loop (`PerSampleGradients.loop`) to float ro
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch.func import functional_call, grad, vmap
 
-from diffattr.diffusion import add_noise, per_sample_loss
-from diffattr.layerwise import LayerwiseGradients, unsupported_modules
+from diffattr.diffusion.schedule import add_noise
+from diffattr.diffusion.task import measurement_fn
+from diffattr.gradients.layerwise import LayerwiseGradients, unsupported_modules
 
-MEASUREMENTS = ("loss", "sqnorm")
 ENGINES = ("auto", "layerwise", "vmap")
 
 
@@ -53,17 +52,6 @@ def vmap_ready(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor())
     return clone
-
-
-def measurement_fn(
-    measurement: str, loss_kind: str
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """f(ε̂ [S, C, H, W], ε [S, C, H, W]) → [S] for a named measurement."""
-    if measurement == "loss":
-        return lambda eps_pred, eps: per_sample_loss(eps_pred, eps, loss_kind)
-    if measurement == "sqnorm":
-        return lambda eps_pred, eps: eps_pred.pow(2).flatten(1).mean(1)
-    raise ValueError(f"unknown measurement {measurement!r}; choose one of {list(MEASUREMENTS)}")
 
 
 class PerSampleGradients:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffattr.gradients import PerSampleGradients
-from diffattr.items import ItemSet
-from diffattr.projection import Projector
-from diffattr.store import ArrayStore
+from diffattr.gradients.engines import PerSampleGradients
+from diffattr.gradients.items import ItemSet
+from diffattr.gradients.projection import Projector
+from diffattr.storage.arrays import ArrayStore
 
 
 def array_specs(
