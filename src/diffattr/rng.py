@@ -29,7 +29,10 @@ class Tag(IntEnum):
     EPOCH_PERMUTATION = 3  # batch order of an epoch
     GRID_EPS = 4  # noise of a grid item (sample, timestep, draw)
     MEASURE = 5  # noise and timestep of a measurement draw (LDS ground truth)
-    SUBSET = 6  # random training subsets for retraining
+    SUBSET = 6  # random training subsets for retraining (LDS ground truth)
+    CURVATURE = 7  # timestep and noise of a K-FAC fitting draw
+    QUERY_SPLIT = 8  # halves of the queries for choosing damping without peeking
+    RETRAIN_SEED = 9  # initialisation / batch-order seed of a retrained model
     SPARSE_BUCKET = 11  # count-sketch bucket of a coordinate
     SPARSE_SIGN = 12
     RADEMACHER_ROW = 13
