@@ -10,7 +10,6 @@ from scipy import stats
 
 from diffattr.evaluation.metrics import (
     generally_influential,
-    lds,
     outlier_share,
     self_rank,
     spearman,
@@ -243,37 +242,6 @@ def test_spearman_is_nan_when_either_input_is_constant():
     assert math.isnan(spearman(np.full(3, 4.0), x))
 
 
-def test_lds_matches_loop_over_queries_with_scipy_spearmanr():
-    rng = np.random.default_rng(9)
-    actual = rng.normal(size=(7, 25))
-    predicted = actual + rng.normal(scale=1.5, size=actual.shape)
-    predicted[2] = np.round(predicted[2])  # ties
-    rhos = [stats.spearmanr(p, a).statistic for p, a in zip(predicted, actual, strict=True)]
-    mean, sem = lds(predicted, actual)
-    assert mean == pytest.approx(np.mean(rhos), abs=1e-12)
-    assert sem == pytest.approx(stats.sem(rhos), abs=1e-12)
-
-
-def test_lds_ignores_queries_whose_spearman_is_nan():
-    rng = np.random.default_rng(10)
-    actual = rng.normal(size=(5, 20))
-    predicted = actual + rng.normal(size=actual.shape)
-    predicted[1] = 3.0  # constant prediction: Spearman undefined
-    actual[3] = -1.0  # constant measurement: Spearman undefined
-    keep = [0, 2, 4]
-    rhos = [stats.spearmanr(predicted[q], actual[q]).statistic for q in keep]
-    mean, sem = lds(predicted, actual)
-    assert mean == pytest.approx(np.mean(rhos), abs=1e-12)
-    assert sem == pytest.approx(stats.sem(rhos), abs=1e-12)
-
-
-def test_lds_is_nan_nan_when_every_query_is_undefined():
-    predicted = np.ones((3, 6))
-    actual = np.random.default_rng(11).normal(size=(3, 6))
-    mean, sem = lds(predicted, actual)
-    assert math.isnan(mean) and math.isnan(sem)
-
-
 def test_nan_in_scores_raises_naming_the_query_rows():
     scores = np.zeros((5, 4))
     scores[1, 2] = np.nan
@@ -282,8 +250,6 @@ def test_nan_in_scores_raises_naming_the_query_rows():
         top_k(scores, 2)
     with pytest.raises(ValueError, match=r"rows \[1, 3\]"):
         unique_ratio(scores, 2)
-    with pytest.raises(ValueError, match=r"predicted.*rows \[1, 3\]"):
-        lds(scores, np.zeros((5, 4)))
 
 
 @pytest.mark.parametrize("k", [0, -1, 5, 1.5])
@@ -320,5 +286,3 @@ def test_mismatched_lengths_raise():
         self_rank(scores, np.array([0, 1]))
     with pytest.raises(ValueError, match="equal lengths"):
         spearman(np.zeros(3), np.zeros(4))
-    with pytest.raises(ValueError, match="same shape"):
-        lds(np.zeros((3, 5)), np.zeros((3, 6)))

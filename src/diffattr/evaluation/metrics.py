@@ -7,7 +7,8 @@ deterministic: among equal scores the lower training (column) index ranks first.
 - Top-k proponents and how queries share them: :func:`top_k`, :func:`top_k_counts`,
   :func:`unique_ratio`, :func:`generally_influential`, :func:`specificity_sweep`.
 - Where the top-k comes from: :func:`outlier_share`; sanity of self-retrieval: :func:`self_rank`.
-- Counterfactual agreement: :func:`spearman` and the Linear Datamodelling Score :func:`lds`.
+- Counterfactual agreement: :func:`spearman` (the Linear Datamodelling Score is in
+  :mod:`diffattr.evaluation.lds`).
 """
 
 from __future__ import annotations
@@ -226,26 +227,3 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     dy = ry - ry.mean()
     r = float(np.dot(dx, dy) / math.sqrt(np.dot(dx, dx) * np.dot(dy, dy)))
     return min(1.0, max(-1.0, r))
-
-
-def lds(predicted: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
-    """Linear Datamodelling Score: per-query Spearman correlation across training subsets.
-
-    predicted, actual: [n_query, n_subsets] (predicted and measured output of each query for
-    each subset). Returns (mean, standard error of the mean with ddof=1) over the queries whose
-    Spearman is defined (neither row constant); (nan, nan) if none is; SEM is nan for one query.
-    """
-    pred = _check_scores(predicted, "predicted")
-    act = _check_scores(actual, "actual")
-    if pred.shape != act.shape:
-        raise ValueError(
-            f"predicted and actual must have the same shape, got {pred.shape} and {act.shape}"
-        )
-    rho = np.array([spearman(p, a) for p, a in zip(pred, act, strict=True)])
-    rho = rho[~np.isnan(rho)]
-    if rho.size == 0:
-        return float("nan"), float("nan")
-    mean = float(rho.mean())
-    if rho.size == 1:
-        return mean, float("nan")
-    return mean, float(rho.std(ddof=1) / math.sqrt(rho.size))
