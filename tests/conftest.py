@@ -46,11 +46,18 @@ def train_params() -> TrainParams:
 SMOKE_PIPELINE = {
     "data": {"max_train": 12},
     "train": {"steps": 6, "batch_size": 4, "checkpoints": [2, 6], "warmup_steps": 1},
+    "sample": {
+        "num_queries": 2,
+        "num_inference_steps": 4,
+        "grid_samples": 2,
+        "grid_inference_steps": 2,
+    },
     "gradients": {
         "query_timesteps": 2,
         "query_draws": 2,
         "heldout_queries": 2,
         "train_timesteps": 2,
+        "ema_train_timesteps": 3,
         "train_grid_at": "all",
         "profile_timesteps": 4,
         "profile_samples": 3,
@@ -66,17 +73,22 @@ def smoke_pipeline(tmp_path_factory):
     """(params, train_dir, gradient_dir) of a 6-step run with 2 checkpoints, 2 generated and 2
     held-out queries, and stores of full (unprojected) gradients."""
     from diffattr import params as params_lib
-    from diffattr.diffusion.sampling import save_queries
-    from diffattr.diffusion.training import train
+    from diffattr.stages import train as train_stage
     from diffattr.stages.gradients import run_gradient_stage
 
     root = tmp_path_factory.mktemp("pipeline")
     P = params_lib.resolve(SMOKE_PIPELINE)
-    train(P.data.load(), P.model, P.train, root / "train", progress=False)
-    g = torch.Generator().manual_seed(5)
-    save_queries(root / "train" / "queries.npz", torch.rand(2, 1, 8, 8, generator=g), [7, 8], {})
+    train_stage.run(P, root / "train", root / "reports", progress=False)
     run_gradient_stage(P, root / "train", root / "gradients", torch.device("cpu"), False)
     return P, root / "train", root / "gradients"
+
+
+def method_inputs_of(pipeline):
+    """MethodInputs of a smoke pipeline (params, train_dir, gradient_dir)."""
+    from diffattr.stages.inputs import method_inputs
+
+    P, train_dir, gradient_dir = pipeline
+    return method_inputs(P, train_dir, gradient_dir)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffattr import params as params_lib
+from diffattr.artifacts.training_run import TrainingRun
 from diffattr.diffusion.model import build_unet, unet_config
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.diffusion.sampling import save_queries
@@ -146,7 +147,7 @@ def test_interval_window_spans_the_steps_since_the_previous_checkpoint():
     )
     interval = replay_window(log, checkpoint=10, previous=5, window="interval")
     assert sorted(set(log.step[interval])) == [5, 6, 7, 8, 9]
-    with pytest.raises(ValueError, match="epoch or interval"):
+    with pytest.raises(ValueError, match="epoch, interval"):
         replay_window(log, 10, 5, "window")
 
 
@@ -158,6 +159,7 @@ SMOKE = {
         "query_draws": 1,
         "heldout_queries": 1,
         "train_timesteps": 1,
+        "ema_train_timesteps": 1,
         "profile_timesteps": 1,
         "profile_samples": 1,
         "profile_draws": 1,
@@ -171,7 +173,9 @@ def trained_smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage")
     P = params_lib.resolve(SMOKE)
     train(P.data.load(), P.model, P.train, root / "train", progress=False)
-    save_queries(root / "train" / "queries.npz", torch.zeros(1, 1, 8, 8), [7], {})
+    ema_hash = TrainingRun.open(root / "train").summary["final_ema_hash"]
+    meta = {"weights_hash": ema_hash}
+    save_queries(root / "train" / "queries.npz", torch.zeros(1, 1, 8, 8), [7], meta)
     return root / "train"
 
 
@@ -232,5 +236,5 @@ def test_gradient_stage_refuses_parameters_that_disagree_with_the_training_run(
     with pytest.raises(ValueError, match="loss"):
         run_gradient_stage(other, trained_smoke, tmp_path / "g", torch.device("cpu"), False)
     fewer = params_lib.resolve(SMOKE, {"data": {"max_train": 10}})
-    with pytest.raises(ValueError, match="train_ids_hash"):
+    with pytest.raises(ValueError, match="training set .* is not the one of the run"):
         run_gradient_stage(fewer, trained_smoke, tmp_path / "g", torch.device("cpu"), False)

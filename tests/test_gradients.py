@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffattr.artifacts.training_run import TrainingRun
 from diffattr.diffusion.draws import train_noise
 from diffattr.diffusion.model import build_unet, predict_eps, unet_config
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.diffusion.schedule import add_noise, build_scheduler
 from diffattr.diffusion.task import per_sample_loss
-from diffattr.diffusion.training import load_trained, train
+from diffattr.diffusion.training import train
 from diffattr.gradients.engines import PerSampleGradients
 from diffattr.gradients.items import replay_items
 
@@ -108,7 +109,9 @@ def test_replayed_gradient_equals_the_gradient_of_the_logged_training_loss(
 ):
     train(tiny_dataset, model_params, train_params, tmp_path / "run", progress=False)
     log = ReplayLog.load(tmp_path / "run" / "replay_log.npz")
-    model, _ = load_trained(tmp_path / "run", step=4)  # θ_4: the weights step 4 was taken with
+    model, _ = TrainingRun.open(tmp_path / "run").load_model(
+        step=4
+    )  # θ_4: the weights step 4 was taken with
     sched = build_scheduler()
     events = log.events(4, 4)
     items = replay_items(tiny_dataset, log, events)

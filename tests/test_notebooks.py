@@ -13,6 +13,7 @@ from diffattr.artifacts.scores import Scores
 from diffattr.storage.arrays import load_store
 
 ROOT = Path(__file__).resolve().parents[1]
+VERDICTS = {"holds", "mixed", "fails", "not run"}
 
 SMOKE = {
     "data": {"max_train": 40},
@@ -21,6 +22,7 @@ SMOKE = {
         "query_draws": 2,
         "heldout_queries": 2,
         "train_timesteps": 2,
+        "ema_train_timesteps": 2,
         "profile_timesteps": 3,
         "profile_samples": 2,
         "projection_dim": 32,
@@ -134,9 +136,13 @@ def test_timestep_bias_notebook_saves_scores_figures_and_metrics(bias):
     assert Scores.load(gradients / "data" / "scores" / "retrac").settings["method"] == "retrac"
     report = gradients / "reports" / "03_timestep_bias"
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics["spearman_norm_vs_topk"]) == {"tracin", "retrac"}
+    default = ["tracin", "retrac", "calibrated", "grad_cosine", "pixel_cosine", "random"]
+    assert metrics["methods"] == default and set(metrics["spearman_norm_vs_topk"]) == set(default)
     assert {row["queries"] for row in metrics["per_query_kind"]} == {"generated", "heldout"}
-    for name in ("norm_profile_band", "norm_vs_topk", "replayed_t_of_proponents"):
+    claims = [f["claim"] for f in metrics["findings"]]
+    assert len(claims) == 3 and all(f["verdict"] in VERDICTS for f in metrics["findings"])
+    names = ("norm_profile_band", "norm_vs_topk", "replayed_t_of_proponents", "band_shares")
+    for name in names:
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
 
 
@@ -147,7 +153,9 @@ def test_retrac_notebook_compares_methods_and_writes_metrics(bias):
     report = gradients / "reports" / "04_retrac"
     metrics = json.loads((report / "metrics.json").read_text())
     methods = {row["method"] for row in metrics["specificity"]}
-    assert methods == {"tracin", "retrac", "pixel cosine", "random"}
-    assert set(metrics["image_tracing"]) == {"tracin", "retrac"}
+    assert methods == {"tracin", "retrac", "calibrated", "grad_cosine", "pixel_cosine", "random"}
+    traced = {row["method"] for row in metrics["image_tracing"]}
+    assert traced == {"tracin", "retrac", "calibrated", "grad_cosine", "pixel_cosine"}
+    assert all(f["verdict"] in VERDICTS for f in metrics["findings"])
     for name in ("specificity", "top_proponents"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000

@@ -72,7 +72,12 @@ def test_the_repository_params_file_resolves(tmp_path):
         ({"attribution": {"sweep_tau": [0.5, 1.5]}}, r"sweep_tau\[1\]"),
         ({"attribution": {"band_quantile": 1}}, r"\(0, 1\)"),
         ({"attribution": {"sweep_k": [5, 0]}}, "positive integers"),
-        ({"attribution": {"train_side": "uniform"}}, "replay, grid"),
+        ({"attribution": {"methods": ["tracn"]}}, "did you mean 'tracin'"),
+        (
+            {"attribution": {"methods": [{"method": "retrac", "args": {"side": "grid"}}]}},
+            "unknown argument 'side'",
+        ),
+        ({"attribution": {"methods": ["tracin", "tracin"]}}, "unique"),
     ],
 )
 def test_attribution_settings_are_checked(raw, fragment):

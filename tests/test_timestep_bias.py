@@ -7,13 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from diffattr.artifacts.gradient_index import GradientIndex
 from diffattr.diffusion.replay import ReplayLog
-from diffattr.evaluation.timestep_bias import (
-    band_interval,
-    grid_cell,
-    large_norm_band,
-    replay_norms,
-)
+from diffattr.evaluation.timestep_bias import band_interval, large_norm_band, replay_norms
+from diffattr.gradients.items import grid_cell
 from diffattr.storage.arrays import load_store
 
 
@@ -37,7 +34,7 @@ def test_timesteps_map_to_their_grid_cells_and_cells_to_intervals():
 def test_replay_norms_match_a_per_event_loop(request, fixture):
     _, train_dir, gradient_dir = request.getfixturevalue(fixture)
     log = ReplayLog.load(train_dir / "replay_log.npz")
-    result = replay_norms(gradient_dir, log, 0.5)
+    result = replay_norms(GradientIndex.open(gradient_dir), log, 0.5)
     index = json.loads((gradient_dir / "index.json").read_text())
     grid = index["timesteps"]["profile"]
     ids = index["train_ids"]

@@ -6,11 +6,21 @@ import json
 
 import numpy as np
 import pytest
+from conftest import method_inputs_of
 
+from diffattr import methods
 from diffattr.artifacts.scores import Scores
 from diffattr.diffusion.replay import ReplayLog
-from diffattr.methods.tracin import training_image_scores, trajectory_scores
+from diffattr.methods.trajectory import trajectory_scores, unit_weights
 from diffattr.storage.arrays import load_store
+
+NAMES = {"tracin": "tracin", "retrac": "retrac", "cosine": "grad_cosine"}
+
+
+def _scores(pipeline, method, side="replay", checkpoints="all"):
+    spec = methods.get(NAMES[method])
+    args = spec.make_args({"train_side": side, "checkpoints": checkpoints})
+    return spec(method_inputs_of(pipeline), args)
 
 
 def _brute_force(gradient_dir, log, method, side, last_only=False):
@@ -67,9 +77,10 @@ def _brute_force(gradient_dir, log, method, side, last_only=False):
 @pytest.mark.parametrize("window", ["epoch", "interval"])
 def test_scores_equal_the_formula_by_brute_force(request, window, method, side, last_only):
     fixture = "smoke_pipeline" if window == "epoch" else "smoke_pipeline_interval"
-    _, train_dir, gradient_dir = request.getfixturevalue(fixture)
+    pipeline = request.getfixturevalue(fixture)
+    _, train_dir, gradient_dir = pipeline
     log = ReplayLog.load(train_dir / "replay_log.npz")
-    scores = trajectory_scores(gradient_dir, log, method, side, "last" if last_only else "all")
+    scores = _scores(pipeline, method, side, "last" if last_only else "all")
     expected = _brute_force(gradient_dir, log, method, side, last_only)
     # ReTrac divides by the float32 norms recorded at extraction (exact up to float32 rounding,
     # ~1e-5 relative), the reference by float64 norms of the stored vectors.
@@ -92,22 +103,20 @@ def test_retrac_uses_the_exact_norms_recorded_before_projection(smoke_pipeline):
 
 
 def test_unknown_names_and_a_foreign_replay_log_are_refused(smoke_pipeline):
-    _, train_dir, gradient_dir = smoke_pipeline
-    log = ReplayLog.load(train_dir / "replay_log.npz")
+    inputs = method_inputs_of(smoke_pipeline)
+    with pytest.raises(ValueError, match="did you mean 'tracin'"):
+        methods.get("tracn")
     with pytest.raises(ValueError, match="choose one of"):
-        trajectory_scores(gradient_dir, log, "trak")
-    with pytest.raises(ValueError, match="choose one of"):
-        trajectory_scores(gradient_dir, log, "tracin", "uniform")
-    log.sample_id = log.sample_id + 10_000
+        trajectory_scores(inputs, unit_weights, "uniform")
+    with pytest.raises(ValueError, match="unknown argument 'side'"):
+        methods.get("tracin").make_args({"side": "grid"})
+    inputs.log.sample_id = inputs.log.sample_id + 10_000
     with pytest.raises(ValueError, match="another run"):
-        trajectory_scores(gradient_dir, log, "tracin")
-    with pytest.raises(FileNotFoundError, match="gradients stage"):
-        trajectory_scores(gradient_dir / "missing", log)
+        methods.get("tracin")(inputs)
 
 
 def test_scores_round_trip_with_their_settings(smoke_pipeline, tmp_path):
-    _, train_dir, gradient_dir = smoke_pipeline
-    scores = trajectory_scores(gradient_dir, ReplayLog.load(train_dir / "replay_log.npz"))
+    scores = _scores(smoke_pipeline, "tracin")
     scores.save(tmp_path / "tracin")
     back = Scores.load(tmp_path / "tracin")
     np.testing.assert_array_equal(back.values, scores.values)
@@ -129,7 +138,8 @@ def test_scores_with_nan_or_wrong_shape_are_refused():
 def test_image_tracing_scores_equal_the_formula_at_the_last_checkpoint(smoke_pipeline, method):
     _, train_dir, gradient_dir = smoke_pipeline
     log = ReplayLog.load(train_dir / "replay_log.npz")
-    scores = training_image_scores(gradient_dir, log, method, n_queries=5)
+    spec = methods.get(method)
+    scores = spec.trace(method_inputs_of(smoke_pipeline), spec.make_args(), 5)
     _, a = load_store(gradient_dir / "raw_step_0000006")
     index = json.loads((gradient_dir / "index.json").read_text())
     lr = next(s["lr"] for s in index["stores"] if s["path"] == "raw_step_0000006")
@@ -169,9 +179,16 @@ def test_the_interval_window_gives_samples_several_draws_or_none(smoke_pipeline_
     assert len(b["replay_events"]) == 4 * 4 and second.max() >= 2  # steps 2-5: over an epoch
 
 
-def test_a_replay_log_of_another_run_is_refused(smoke_pipeline):
-    _, train_dir, gradient_dir = smoke_pipeline
-    log = ReplayLog.load(train_dir / "replay_log.npz")
-    log.settings = {**log.settings, "seed": 99}
-    with pytest.raises(ValueError, match="another training run"):
-        trajectory_scores(gradient_dir, log, "tracin")
+def test_a_replay_log_of_another_run_is_refused(smoke_pipeline, tmp_path):
+    import shutil
+
+    from diffattr.artifacts.training_run import TrainingRun
+
+    _, train_dir, _ = smoke_pipeline
+    copy = tmp_path / "train"
+    shutil.copytree(train_dir, copy)
+    log = ReplayLog.load(copy / "replay_log.npz")
+    log.settings = {**log.settings, "run_id": "0123456789abcdef"}
+    log.save(copy / "replay_log.npz")
+    with pytest.raises(ValueError, match="belongs to training run 0123456789abcdef"):
+        TrainingRun.open(copy).replay_log()

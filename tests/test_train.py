@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from diffattr.artifacts.training_run import TrainingRun
 from diffattr.diffusion import training as train_mod
 from diffattr.diffusion.draws import batch_rows, train_noise
 from diffattr.diffusion.model import predict_eps
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.diffusion.schedule import add_noise, build_scheduler
 from diffattr.diffusion.task import per_sample_loss
-from diffattr.diffusion.training import NonFiniteLossError, load_trained, lr_at, run_settings, train
+from diffattr.diffusion.training import NonFiniteLossError, lr_at, run_settings, train
 from diffattr.params import TrainParams
 from diffattr.storage.checkpoints import checkpoint_name, load_checkpoint, settings_hash
 
@@ -56,7 +57,7 @@ def test_logged_losses_are_recomputed_exactly_from_the_log_alone(
     assert len(log) == train_params.steps * train_params.batch_size
     scheduler = build_scheduler(log.settings["schedule"], log.settings["num_train_timesteps"])
     for step in (4,):  # the batch taken with the weights of checkpoint 4
-        model, payload = load_trained(tmp_path / "run", step)
+        model, payload = TrainingRun.open(tmp_path / "run").load_model(step)
         model.train()
         rows = log.events(step, step)
         ids = log.sample_id[rows]
@@ -219,7 +220,7 @@ def test_checkpoint_of_other_settings_is_refused(
     with pytest.raises(ValueError, match="dataset"):
         load_checkpoint(path, other)
     with pytest.raises(ValueError, match=r"available: \[4, 8\]"):
-        load_trained(tmp_path / "run", step=5)
+        TrainingRun.open(tmp_path / "run").load_model(step=5)
 
 
 def test_training_on_a_subset_logs_only_its_ids(tiny_dataset, model_params, train_params, tmp_path):

@@ -17,10 +17,15 @@ from typing import Any
 
 import yaml
 
+from diffattr import methods
 from diffattr.data.datasets import DATASET_NAMES, ImageDataset, load_dataset
 from diffattr.diffusion.model import UNET_CONFIGS
 from diffattr.diffusion.schedule import SCHEDULES
 from diffattr.diffusion.task import LOSS_KINDS
+from diffattr.diffusion.training import LR_DECAYS, resolve_checkpoint_steps
+from diffattr.gradients.engines import ENGINES
+from diffattr.gradients.items import REPLAY_WINDOWS
+from diffattr.gradients.projection import PROJECTION_KINDS
 
 
 @dataclass
@@ -86,7 +91,9 @@ class GradientParams:
     query_timesteps: int = 8  # M: evenly spaced grid of timesteps for queries
     query_draws: int = 2  # S: noise draws per query timestep (averaged, kept per timestep)
     heldout_queries: int = 16  # held-out images attributed beside the generated queries
-    train_timesteps: int = 2  # grid for training samples (non-replay TracIn, TRAK features)
+    train_timesteps: int = 2  # grid for training samples at raw checkpoints (grid-side TracIn)
+    ema_train_timesteps: int = 10  # grid for training samples at the final EMA weights (TRAK,
+    #                                D-TRAK, influence functions: their own draws)
     train_grid_at: str = "last"  # raw checkpoints with training-grid features: last | all
     ema: bool = True  # also extract at the final EMA weights (influence functions, TRAK)
     profile_timesteps: int = 20  # fine grid for the norm-vs-timestep profile
@@ -109,7 +116,19 @@ class AttributionParams:
     tau: float = 0.5  # "generally influential": in the top-k of at least this share of queries
     band_quantile: float = 0.75  # the large-norm band: timesteps whose mean ‖g‖ is above this
     #                              quantile of the norm profile (the top quartile)
-    train_side: str = "replay"  # TracIn's training side: replay (the paper) | grid
+    # Methods scored in stages 3-4: registered names (python -m diffattr.params --methods) or
+    # variants {name, method, args}, e.g. {name: retrac_grid, method: retrac,
+    # args: {train_side: grid, checkpoints: last}}.
+    methods: list = field(
+        default_factory=lambda: [
+            "tracin",
+            "retrac",
+            "calibrated",
+            "grad_cosine",
+            "pixel_cosine",
+            "random",
+        ]
+    )
     sweep_k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
     sweep_tau: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
@@ -127,6 +146,10 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def method_specs(self) -> list[methods.MethodSpec]:
+        """The methods of `attribution.methods`, each with its resolved arguments."""
+        return methods.resolve_specs(self.attribution.methods)
 
     def checkpoint_steps(self) -> list[int]:
         """Sorted training steps at which attribution checkpoints are kept."""
@@ -162,12 +185,11 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "unet"): tuple(UNET_CONFIGS),
     ("model", "schedule"): SCHEDULES,
     ("model", "loss"): LOSS_KINDS,
-    ("train", "lr_decay"): ("constant", "cosine"),
-    ("gradients", "replay_window"): ("epoch", "interval"),
+    ("train", "lr_decay"): LR_DECAYS,
+    ("gradients", "replay_window"): REPLAY_WINDOWS,
     ("gradients", "train_grid_at"): ("last", "all"),
-    ("gradients", "projection"): ("auto", "sparse", "gaussian", "rademacher", "none"),
-    ("gradients", "engine"): ("auto", "layerwise", "vmap"),  # diffattr.gradients.ENGINES
-    ("attribution", "train_side"): ("replay", "grid"),
+    ("gradients", "projection"): ("auto", *PROJECTION_KINDS),
+    ("gradients", "engine"): ENGINES,
 }
 
 _CIFAR_TRAIN = {
@@ -216,19 +238,6 @@ def _unknown(kind: str, name: object, valid: tuple[str, ...] | list[str]) -> Val
     hint = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     return ValueError(f"unknown {kind} {name!r}{did_you_mean}; valid: {', '.join(map(str, valid))}")
-
-
-def resolve_checkpoint_steps(checkpoints: int | list[int], steps: int) -> list[int]:
-    """A count → evenly spaced steps ending at `steps`; a list → validated, sorted, unique."""
-    if isinstance(checkpoints, int):
-        if checkpoints < 1:
-            raise ValueError(f"train.checkpoints must be ≥ 1, got {checkpoints}")
-        count = min(checkpoints, steps)
-        return sorted({round(steps * (i + 1) / count) for i in range(count)})
-    out = sorted({int(s) for s in checkpoints})
-    if not out or out[0] < 1 or out[-1] > steps:
-        raise ValueError(f"train.checkpoints must be steps in [1, {steps}], got {checkpoints}")
-    return out
 
 
 def _merge(base: dict, overrides: dict, where: str) -> dict:
@@ -329,6 +338,7 @@ def _check_attribution(a: AttributionParams) -> None:
     if not 0 < a.band_quantile < 1:
         raise ValueError(f"attribution.band_quantile must lie in (0, 1), got {a.band_quantile!r}")
     a.sweep_tau = [float(v) for v in a.sweep_tau]
+    methods.resolve_specs(a.methods)
     if not a.sweep_k or not all(
         isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in a.sweep_k
     ):

@@ -88,12 +88,12 @@ def checkpoint_samples(samples: dict[int, torch.Tensor], per_row: int = 16) -> p
     return fig
 
 
-def save(fig: plt.Figure, path: str | Path) -> Path:
-    """Save a figure as PNG (dpi 150), creating the folder."""
+def save(fig: plt.Figure, path: str | Path) -> None:
+    """Save a figure as PNG (dpi 150), creating the folder (returns nothing, so a notebook
+    cell ending in it prints nothing but the figure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
-    return path
 
 
 def norm_over_t(
@@ -271,3 +271,48 @@ def proponents(
                     axes[q, start + r].set_title(f"{method} #{r + 1}", fontsize=7)
     fig.tight_layout(pad=0.2)
     return fig
+
+
+def band_shares(table: pd.DataFrame, base_rate: float, k: int) -> plt.Figure:
+    """Share of each method's top-k slots whose replayed draw fell in the large-norm band, with
+    its 95% bootstrap interval over queries, per query kind, against the base rate (dashed).
+    table: rows with method, queries, topk_slots_in_band, band_ci_low, band_ci_high."""
+    kinds = list(dict.fromkeys(table["queries"]))
+    fig, axes = plt.subplots(
+        1,
+        len(kinds),
+        figsize=(4.2 * len(kinds), 0.45 * table.method.nunique() + 1.2),
+        squeeze=False,
+    )
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        sub = table[table["queries"] == kind].reset_index(drop=True)
+        y = np.arange(len(sub))
+        err = np.vstack(
+            [sub.topk_slots_in_band - sub.band_ci_low, sub.band_ci_high - sub.topk_slots_in_band]
+        )
+        ax.errorbar(sub.topk_slots_in_band, y, xerr=err, fmt="o", color="tab:blue", capsize=3)
+        ax.axvline(base_rate, ls="--", color="gray", label=f"base rate {base_rate:.1%}")
+        ax.set_yticks(y, sub.method)
+        ax.invert_yaxis()
+        ax.set(xlabel=f"share of top-{k} slots in the large-norm band", title=f"{kind} queries")
+        ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def top_proponents(
+    queries: torch.Tensor,
+    scores: dict[str, np.ndarray],
+    train_images: torch.Tensor,
+    k: int = 5,
+    query_titles: Sequence[str] | None = None,
+) -> plt.Figure:
+    """Each query [Q, C, H, W] beside its top-k training images [N, C, H, W] per method
+    (scores: method → [Q, N], larger = more proponent)."""
+    rows = {}
+    for method, values in scores.items():
+        top = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        rows[method] = train_images[torch.from_numpy(top.reshape(-1))].reshape(
+            len(queries), k, *train_images.shape[1:]
+        )
+    return proponents(queries, rows, query_titles)

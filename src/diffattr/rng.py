@@ -80,8 +80,6 @@ def keyed_normal(
     return torch.stack(rows).to(device)
 
 
-
-
 # ---- counter-based integer hash (device-independent) --------------------------------------
 
 MASK32 = 0xFFFFFFFF
@@ -91,7 +89,6 @@ MASK32 = 0xFFFFFFFF
 _MIX_SHIFTS = (16, 15, 15)
 _MIX_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
 _HASH_INIT = 0x243F6A88  # first digits of pi, the initial state of `hash_prefix`
-
 
 
 def mix32_int(x: int) -> int:
@@ -155,5 +152,3 @@ def hash_index(seed: int, tag: int, index: torch.Tensor) -> torch.Tensor:
 def uniform_open01(h: torch.Tensor) -> torch.Tensor:
     """Map 32-bit hashes to float64 uniforms in (0, 1), exactly: (h + 0.5) / 2^32."""
     return (h.to(torch.float64) + 0.5) * 2.0**-32
-
-

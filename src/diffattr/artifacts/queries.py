@@ -5,13 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffattr.data.datasets import ImageDataset
-from diffattr.diffusion.sampling import load_queries
 from diffattr.gradients.items import KIND_GENERATED, KIND_HELDOUT, ItemSet, concat_items, grid_items
 
 
@@ -45,13 +42,3 @@ class QuerySet:
                     )
                 )
         return concat_items(parts)
-
-
-def load_query_set(train_dir: Path, heldout: ImageDataset, n_heldout: int) -> QuerySet:
-    images, seeds, _ = load_queries(train_dir / "queries.npz")
-    held = heldout.subset(heldout.ids[: min(n_heldout, len(heldout))])
-    return QuerySet(
-        images=torch.cat([images, held.images]),
-        kind=np.array(["generated"] * len(images) + ["heldout"] * len(held)),
-        key=np.concatenate([np.asarray(seeds, np.int64), held.ids]),
-    )

@@ -133,9 +133,7 @@ class ReplayLog:
         with np.load(path) as f:
             settings = json.loads(str(f["settings"]))
             check_format(settings.get("format_version"), path)
-            return cls(
-                f["step"], f["epoch"], f["sample_id"], f["t"], f["loss"], settings
-            )
+            return cls(f["step"], f["epoch"], f["sample_id"], f["t"], f["loss"], settings)
 
 
 def check_format(found: object, path: Path) -> None:

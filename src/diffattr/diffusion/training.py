@@ -16,6 +16,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +29,6 @@ from diffattr.diffusion.model import build_unet, predict_eps, unet_config
 from diffattr.diffusion.replay import FORMAT_VERSION, ReplayLog
 from diffattr.diffusion.schedule import add_noise, build_scheduler
 from diffattr.diffusion.task import per_sample_loss
-from diffattr.params import ModelParams, TrainParams, resolve_checkpoint_steps
 from diffattr.storage.checkpoints import (
     checkpoint_name,
     load_checkpoint,
@@ -37,7 +38,11 @@ from diffattr.storage.checkpoints import (
     work_folder,
 )
 
+if TYPE_CHECKING:
+    from diffattr.params import ModelParams, TrainParams
+
 RESUME_FILE = "resume.pt"
+LR_DECAYS = ("constant", "cosine")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,6 +62,19 @@ class TrainResult:
     wall_time_s: float  # time spent training in this process (a resumed run counts its part)
     settings: dict
     resumed_from_step: int  # 0 for a fresh run
+
+
+def resolve_checkpoint_steps(checkpoints: int | list[int], steps: int) -> list[int]:
+    """A count → evenly spaced steps ending at `steps`; a list → validated, sorted, unique."""
+    if isinstance(checkpoints, int):
+        if checkpoints < 1:
+            raise ValueError(f"train.checkpoints must be ≥ 1, got {checkpoints}")
+        count = min(checkpoints, steps)
+        return sorted({round(steps * (i + 1) / count) for i in range(count)})
+    out = sorted({int(s) for s in checkpoints})
+    if not out or out[0] < 1 or out[-1] > steps:
+        raise ValueError(f"train.checkpoints must be steps in [1, {steps}], got {checkpoints}")
+    return out
 
 
 def lr_at(step: int, cfg: TrainParams) -> float:
@@ -118,6 +136,7 @@ class _Run:
         tc, mc = self.settings["train"], self.settings["model"]
         return {
             "format_version": FORMAT_VERSION,
+            "run_id": settings_hash(self.settings),  # the run's identity (artifacts.TrainingRun)
             "seed": tc["seed"],
             "batch_size": tc["batch_size"],
             "num_train_timesteps": mc["num_train_timesteps"],
@@ -302,7 +321,7 @@ def _finish(out_dir: Path, work: Path, run: _Run, log: ReplayLog) -> None:
     log.save(out_dir / "replay_log.npz")
     np.save(out_dir / "loss_history.npy", run.loss_history)
     run.ema.save_pretrained(out_dir / "final_ema")
-    train_cfg = TrainParams(**run.settings["train"])
+    train_cfg = SimpleNamespace(**run.settings["train"])
     summary = {
         "settings": run.settings,
         "steps": run.step,
@@ -323,21 +342,3 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def load_trained(out_dir: str | Path, step: int | None = None, ema: bool = False):
-    """A trained `UNet2DModel` from a training output: checkpoint `step` (default: the last),
-    raw or EMA weights. Returns (model, checkpoint payload)."""
-    out_dir = Path(out_dir)
-    summary_path = out_dir / "run.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"no finished training run in {out_dir}; run the train stage")
-    summary = json.loads(summary_path.read_text())
-    steps = [c["step"] for c in summary["checkpoints"]]
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"no checkpoint at step {step} in {out_dir}; available: {steps}")
-    payload = load_checkpoint(out_dir / "checkpoints" / checkpoint_name(step), summary["settings"])
-    model = build_unet(payload["settings"]["unet_config"])
-    model.load_state_dict(payload["ema" if ema else "model"])
-    return model.eval(), payload

@@ -10,19 +10,23 @@ the band when its t falls in a band cell (cells are the grid's evenly spaced bin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from diffattr.artifacts.gradient_index import (
+    PROFILE,
+    REPLAY,
+    REPLAY_EVENTS,
+    GradientIndex,
+    norm_array,
+)
 from diffattr.diffusion.replay import ReplayLog
-from diffattr.gradients.items import timestep_grid
-from diffattr.methods.tracin import _positions, check_log_matches, load_index, trajectory_stores
-from diffattr.storage.arrays import load_store
+from diffattr.gradients.items import grid_cell, timestep_grid
 
 
 def profile_norms(arrays: dict[str, np.ndarray], n_timesteps: int, draws: int) -> np.ndarray:
     """A store's `profile_norm` [n_samples, M·draws] as [n_samples, M, draws]."""
-    norms = np.asarray(arrays["profile_norm"], np.float64)
+    norms = np.asarray(arrays[norm_array(PROFILE)], np.float64)
     return norms.reshape(norms.shape[0], n_timesteps, draws)
 
 
@@ -31,11 +35,6 @@ def large_norm_band(mean_norm: np.ndarray, quantile: float = 0.75) -> np.ndarray
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
     return mean_norm >= np.quantile(mean_norm, quantile)
-
-
-def grid_cell(t: np.ndarray, n_cells: int, num_train_timesteps: int) -> np.ndarray:
-    """Index [E] of the evenly spaced grid cell of [0, T) each timestep t [E] falls in."""
-    return np.minimum((np.asarray(t, np.int64) * n_cells) // num_train_timesteps, n_cells - 1)
 
 
 def band_interval(grid: np.ndarray, band: np.ndarray, num_train_timesteps: int) -> list[list[int]]:
@@ -84,35 +83,39 @@ class ReplayNorms:
 
 
 def replay_norms(
-    gradient_dir: str | Path, log: ReplayLog, quantile: float = 0.75, checkpoints: str = "all"
+    index: GradientIndex, log: ReplayLog, quantile: float = 0.75, checkpoints: str = "all"
 ) -> ReplayNorms:
-    """Exact replayed-gradient norms and band membership per training sample (see ReplayNorms)."""
-    gradient_dir = Path(gradient_dir)
-    index = load_index(gradient_dir)
-    train_ids = np.asarray(index["train_ids"], np.int64)
-    grid = np.asarray(index["timesteps"]["profile"])
+    """Exact replayed-gradient norms and band membership per training sample (see ReplayNorms).
+
+    log: the replay log of the run the index was extracted from (`TrainingRun.replay_log`)."""
+    if log.settings.get("run_id") != index.run_id:
+        raise ValueError(
+            f"the replay log belongs to run {log.settings.get('run_id')}, the gradients to "
+            f"{index.run_id}; rerun the stages in order (dvc repro)"
+        )
+    train_ids = index.train_ids
+    grid = index.timesteps("profile")
     num_train_timesteps = int(log.settings["num_train_timesteps"])
     if not np.array_equal(timestep_grid(len(grid), num_train_timesteps), grid):
         raise ValueError(
             f"the profile grid {grid.tolist()} is not the even grid of T = {num_train_timesteps} "
             "the replay log was trained with: the log and the gradient stores disagree"
         )
-    draws = int(index["profile_draws"])
+    draws = index.profile_draws
     n = len(train_ids)
     norm_mass, total_norm, in_band, events_seen = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
     last_t, last_norm = np.full(n, -1, np.int64), np.full(n, np.nan)
     bands, profiles = {}, {}
-    for store in trajectory_stores(index, checkpoints):
-        settings, arrays = load_store(gradient_dir / store["path"])
+    for store in index.trajectory(checkpoints):
+        _, arrays = index.load(store)
         profile = profile_norms(arrays, len(grid), draws)
         band = large_norm_band(profile.mean(axis=(0, 2)), quantile)
-        bands[store["step"]], profiles[store["step"]] = band, profile
-        events = np.asarray(arrays["replay_events"])
-        check_log_matches(log, settings, events)
-        columns = _positions(train_ids, log.sample_id[events])
-        norms = np.asarray(arrays["replay_norm"][:, 0], np.float64)
+        bands[store.step], profiles[store.step] = band, profile
+        events = np.asarray(arrays[REPLAY_EVENTS])
+        columns = index.columns(log.sample_id[events])
+        norms = np.asarray(arrays[norm_array(REPLAY)][:, 0], np.float64)
         t = log.t[events].astype(np.int64)
-        np.add.at(norm_mass, columns, float(store["lr"]) * norms)
+        np.add.at(norm_mass, columns, float(store.lr) * norms)
         np.add.at(total_norm, columns, norms)
         np.add.at(in_band, columns, band[grid_cell(t, len(grid), num_train_timesteps)])
         np.add.at(events_seen, columns, 1)

@@ -19,6 +19,7 @@ from diffattr.diffusion.replay import ReplayLog
 from diffattr.rng import Tag, keyed_normal
 
 # Who an image is, in grid-noise keys (so a query and a training image never share draws).
+REPLAY_WINDOWS = ("epoch", "interval")
 KIND_TRAIN = 0
 KIND_GENERATED = 1
 KIND_HELDOUT = 2
@@ -48,6 +49,11 @@ def timestep_grid(count: int, num_train_timesteps: int = 1000) -> np.ndarray:
         raise ValueError(f"a timestep grid needs ≥ 1 timestep, got {count}")
     edges = np.linspace(0, num_train_timesteps, count + 1)
     return np.floor((edges[:-1] + edges[1:]) / 2).astype(np.int64)
+
+
+def grid_cell(t: np.ndarray, n_cells: int, num_train_timesteps: int) -> np.ndarray:
+    """Index [E] of the evenly spaced grid cell of [0, T) each timestep t [E] falls in."""
+    return np.minimum((np.asarray(t, np.int64) * n_cells) // num_train_timesteps, n_cells - 1)
 
 
 def grid_items(
@@ -113,7 +119,9 @@ def replay_window(log: ReplayLog, checkpoint: int, previous: int, window: str) -
     if window == "interval":
         return log.events(previous, checkpoint - 1)
     if window != "epoch":
-        raise ValueError(f"unknown replay window {window!r}; choose epoch or interval")
+        raise ValueError(
+            f"unknown replay window {window!r}; choose one of {', '.join(REPLAY_WINDOWS)}"
+        )
     before = log.events(0, checkpoint - 1)
     # The log is in step order: the last occurrence of an id is its most recent draw.
     reversed_ids = log.sample_id[before][::-1]

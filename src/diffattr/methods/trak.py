@@ -1,11 +1,10 @@
-"""TRAK and D-TRAK scores from stage 2's store at the final EMA weights, for a sweep of damping.
+"""TRAK (Park et al. 2023) on the diffusion loss, from stage 2's store at the final EMA weights.
 
     score_λ(q, j) = φ_qᵀ (ΦᵀΦ + λI)⁻¹ φ_j
 
-φ = P g are projected per-sample gradients averaged over the training timestep grid
-(`gradients.train_timesteps`) for training images and over the query grid for queries: of the
-training loss for TRAK, of D-TRAK's measurement mean(ε_θ(x_t, t)²) for D-TRAK (on both sides,
-as in D-TRAK's code). Φ [N, k] stacks the training features.
+φ = P g are projected per-sample gradients of the training loss, averaged over the EMA store's
+own training timestep grid (`gradients.ema_train_timesteps`) for training images and over the
+query grid for queries. Φ [N, k] stacks the training features.
 
 The whole damping sweep costs one thin SVD Φ = U S Vᵀ: since every φ_j lies in the row space of
 Φ, score_λ = (φ_q V) diag(s / (s² + λ)) Uᵀ, with no k × k inverse per λ.
@@ -14,28 +13,31 @@ The whole damping sweep costs one thin SVD Φ = U S Vᵀ: since every φ_j lies 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
+from diffattr.artifacts.gradient_index import QUERY, TRAIN_GRID, features_array
 from diffattr.artifacts.scores import Scores
-from diffattr.methods.tracin import index_scores, load_index, store_provenance
-from diffattr.storage.arrays import load_store
-
-FEATURES = {
-    "trak": ("train_grid_features", "query_features"),
-    "dtrak": ("train_grid_sqnorm_features", "query_sqnorm_features"),
-}
+from diffattr.methods.base import Method, MethodInputs
 
 
-def ema_store(index: dict) -> dict:
-    """The final-EMA store of a gradient index (ValueError if stage 2 ran with ema: false)."""
-    ema = [s for s in index["stores"] if s["weights"] == "ema"]
-    if not ema:
-        raise ValueError(
-            "the gradient index has no EMA store; rerun stage 2 with gradients.ema: true"
-        )
-    return ema[-1]
+@dataclass(frozen=True)
+class DampedArgs:
+    """damping: λ > 0, added to the kernel's eigenvalues (scale: that of ΦᵀΦ)."""
+
+    damping: float = 1e-2
+
+
+def check_dampings(dampings: Sequence[float]) -> np.ndarray:
+    """The dampings as float64 [L], each finite and > 0 (ValueError naming `damping`)."""
+    try:
+        lambdas = np.asarray(dampings, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"damping must be numbers, got {dampings!r}") from None
+    if lambdas.ndim != 1 or not len(lambdas) or np.any(~np.isfinite(lambdas) | (lambdas <= 0)):
+        raise ValueError(f"damping must be finite and > 0, got {list(dampings)!r}")
+    return lambdas
 
 
 def damped_scores(
@@ -45,9 +47,7 @@ def damped_scores(
 
     train_features Φ: [N, k]; query_features: [Q, k]; dampings: λ > 0. Returns [L, Q, N] float64.
     """
-    lambdas = np.asarray(dampings, np.float64)
-    if lambdas.ndim != 1 or not len(lambdas) or np.any(~np.isfinite(lambdas) | (lambdas <= 0)):
-        raise ValueError(f"dampings must be a non-empty list of positive numbers, got {dampings}")
+    lambdas = check_dampings(dampings)
     phi = np.asarray(train_features, np.float64)
     queries = np.asarray(query_features, np.float64)
     if phi.ndim != 2 or queries.ndim != 2 or phi.shape[1] != queries.shape[1]:
@@ -61,29 +61,43 @@ def damped_scores(
     return (projected[None] * weights[:, None]) @ u.T  # [L, Q, r] @ [r, N]
 
 
-def trak_scores(
-    gradient_dir: str | Path, method: str = "trak", dampings: Sequence[float] = (1e-2,)
+def kernel_scores(
+    inputs: MethodInputs, train_set: str, query_set: str, dampings: Sequence[float], what: str
 ) -> list[Scores]:
-    """TRAK or D-TRAK scores [Q, N] of the EMA store, one `Scores` per damping λ."""
-    if method not in FEATURES:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(FEATURES)}")
-    gradient_dir = Path(gradient_dir)
-    index = load_index(gradient_dir)
-    store = ema_store(index)
-    settings, arrays = load_store(gradient_dir / store["path"])
-    train_name, query_name = FEATURES[method]
-    phi = np.asarray(arrays[train_name], np.float64).mean(axis=1)
-    queries = np.asarray(arrays[query_name], np.float64).mean(axis=1)
-    values = damped_scores(phi, queries, dampings)
+    """Scores [Q, N] per damping from the EMA store's features of two sets."""
+    entry = inputs.gradients.ema()
+    settings, arrays = inputs.gradients.load(entry)
+    phi = np.asarray(arrays[features_array(train_set)], np.float64).mean(axis=1)
+    queries = np.asarray(arrays[features_array(query_set)], np.float64).mean(axis=1)
     common = {
-        "method": method,
-        "measurement": "loss" if method == "trak" else "mean(eps_pred^2)",
+        "measurement": what,
         "weights": "ema",
-        "checkpoint_step": store["step"],
+        "checkpoint_step": entry.step,
         "weights_hash": settings["weights_hash"],
-        **store_provenance(index, settings),
+        "train_timesteps": inputs.gradients.timesteps("ema_train").tolist(),
+        **inputs.gradients.provenance(settings),
     }
+    values = damped_scores(phi, queries, dampings)
     return [
-        index_scores(index, v, {**common, "damping": float(lam)})
+        inputs.gradients.scores(v, {**common, "damping": float(lam)})
         for v, lam in zip(values, dampings, strict=True)
     ]
+
+
+def sweep(inputs: MethodInputs, args: DampedArgs, dampings: Sequence[float]) -> list[Scores]:
+    return kernel_scores(inputs, TRAIN_GRID, QUERY, dampings, "loss")
+
+
+def compute(inputs: MethodInputs, args: DampedArgs) -> Scores:
+    return sweep(inputs, args, [args.damping])[0]
+
+
+METHOD = Method(
+    "trak",
+    "TRAK",
+    DampedArgs,
+    compute,
+    summary="projected loss gradients at the EMA weights through the damped kernel inverse",
+    swept="damping",
+    sweep=sweep,
+)

@@ -15,20 +15,29 @@ Layout under out_dir:
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffattr.artifacts.queries import load_query_set
+from diffattr.artifacts.gradient_index import (
+    QUERY,
+    QUERY_SQNORM,
+    REPLAY,
+    REPLAY_EVENTS,
+    TRAIN_GRID,
+    TRAIN_GRID_SQNORM,
+    GradientIndex,
+    norm_array,
+)
+from diffattr.artifacts.training_run import TrainingRun
 from diffattr.data.datasets import ImageDataset
-from diffattr.diffusion.model import unet_config
-from diffattr.diffusion.replay import ReplayLog
+from diffattr.devices import resolve_device
 from diffattr.diffusion.schedule import build_scheduler
-from diffattr.diffusion.training import load_trained, run_settings
+from diffattr.evaluation.timestep_bias import profile_norms
 from diffattr.gradients.engines import PerSampleGradients, resolve_engine
 from diffattr.gradients.extraction import Throughput, array_specs, extract
 from diffattr.gradients.items import (
@@ -41,6 +50,7 @@ from diffattr.gradients.items import (
 )
 from diffattr.gradients.projection import Projector, make_projector
 from diffattr.params import Params
+from diffattr.stages.train import write_metrics
 from diffattr.storage.arrays import ArrayStore
 from diffattr.storage.checkpoints import (
     checkpoint_name,
@@ -50,24 +60,16 @@ from diffattr.storage.checkpoints import (
     work_folder,
 )
 
-FORMAT_VERSION = 1
 
-
-def check_matches_training(P: Params, dataset: ImageDataset, train_dir: Path) -> None:
-    """Refuse parameters that disagree with the run in train_dir (data, schedule, loss, T)."""
-    summary = train_dir / "run.json"
-    if not summary.exists():
-        raise FileNotFoundError(f"no finished training run in {train_dir}; run the train stage")
-    trained = json.loads(summary.read_text())["settings"]
-    config = unet_config(P.model.unet, dataset.image_shape)
-    keys = ("dataset", "train_ids_hash", "image_shape", "model")
-    expected = run_settings(dataset, P.model, P.train, config)
-    requested = {k: expected[k] for k in keys}
-    diff = settings_diff({k: trained[k] for k in requested}, requested)
+def check_matches_training(P: Params, dataset: ImageDataset, run: TrainingRun) -> None:
+    """Refuse parameters that disagree with the training run (data, schedule, loss, T)."""
+    run.check_dataset(dataset)
+    requested = vars(P.model).copy()
+    diff = settings_diff(run.settings["model"], requested)
     if diff:
         raise ValueError(
-            f"the parameters disagree with the training run in {train_dir}: {diff}. Retrain "
-            "(dvc repro) or use the parameters it was trained with."
+            f"the model parameters disagree with the training run in {run.path}: {diff}. "
+            "Retrain (dvc repro) or use the parameters it was trained with."
         )
 
 
@@ -84,7 +86,6 @@ def _store_settings(
     P: Params, label: str, payload: dict, projector: Projector, extra: dict
 ) -> dict:
     return {
-        "format_version": FORMAT_VERSION,
         "weights": label,
         "checkpoint_step": int(payload["step"]),
         "weights_hash": weights_hash(payload["ema" if label == "ema" else "model"]),
@@ -107,21 +108,26 @@ def run_gradient_stage(
     progress: bool = True,
 ) -> dict:
     """Extract every store of the stage (resuming finished rows) and write index.json."""
-    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     gp = P.gradients
+    run = TrainingRun.open(train_dir)
     dataset, heldout = P.data.load("train"), P.data.load("heldout")
-    check_matches_training(P, dataset, train_dir)
-    log = ReplayLog.load(train_dir / "replay_log.npz")
-    queries = load_query_set(train_dir, heldout, gp.heldout_queries)
+    check_matches_training(P, dataset, run)
+    log = run.replay_log()
+    queries = run.query_set(heldout, gp.heldout_queries)
     T = P.model.num_train_timesteps
     scheduler = build_scheduler(P.model.schedule, T)
     grids = {
         "query": timestep_grid(gp.query_timesteps, T),
         "train": timestep_grid(gp.train_timesteps, T),
         "profile": timestep_grid(gp.profile_timesteps, T),
+        "ema_train": timestep_grid(gp.ema_train_timesteps, T),
     }
     query_items = queries.items(grids["query"], gp.query_draws, gp.seed)
     train_items = grid_items(dataset.images, dataset.ids, KIND_TRAIN, grids["train"], 1, gp.seed)
+    ema_train_items = grid_items(
+        dataset.images, dataset.ids, KIND_TRAIN, grids["ema_train"], 1, gp.seed
+    )
     profile_rows = np.linspace(0, len(dataset) - 1, min(gp.profile_samples, len(dataset))).astype(
         int
     )
@@ -135,17 +141,17 @@ def run_gradient_stage(
     stores: list[dict] = []
     started = time.perf_counter()
     for step in steps:
-        model, payload = load_trained(train_dir, step)
+        model, payload = run.load_model(step)
         previous = max([s for s in steps if s < step], default=0)
         events = replay_window(log, step, previous, gp.replay_window)
         sets = {
-            "replay": (replay_items(dataset, log, events), True),
-            "query": (query_items, True),
+            REPLAY: (replay_items(dataset, log, events), True),
+            QUERY: (query_items, True),
             "profile": (profile_items, False),
         }
         if gp.train_grid_at == "all" or step == steps[-1]:
-            sets["train_grid"] = (train_items, True)
-        meta = {"replay_events": events}
+            sets[TRAIN_GRID] = (train_items, True)
+        meta = {REPLAY_EVENTS: events}
         name = store_name("raw", step)
         stats = _extract_store(
             P,
@@ -173,9 +179,9 @@ def run_gradient_stage(
             }
         )
     if gp.ema:
-        model, payload = load_trained(train_dir, ema=True)
-        sets = {"train_grid": (train_items, True), "query": (query_items, True)}
-        sqnorm = {"train_grid_sqnorm": (train_items, True), "query_sqnorm": (query_items, True)}
+        model, payload = run.load_model(ema=True)
+        sets = {TRAIN_GRID: (ema_train_items, True), QUERY: (query_items, True)}
+        sqnorm = {TRAIN_GRID_SQNORM: (ema_train_items, True), QUERY_SQNORM: (query_items, True)}
         name = store_name("ema", int(payload["step"]))
         stats = _extract_store(
             P,
@@ -202,7 +208,7 @@ def run_gradient_stage(
             }
         )
     index = {
-        "format_version": FORMAT_VERSION,
+        "run_id": run.identity,
         "stores": stores,
         "train_ids": dataset.ids.tolist(),
         "queries": {"kind": queries.kind.tolist(), "key": queries.key.tolist()},
@@ -215,7 +221,7 @@ def run_gradient_stage(
         "wall_time_s": round(time.perf_counter() - started, 2),
         "device": str(device),
     }
-    (out_dir / "index.json").write_text(json.dumps(index, indent=1))
+    GradientIndex.write(out_dir, index)
     with contextlib.suppress(OSError):  # absent, or holds unfinished stores of other settings
         work_folder(out_dir).rmdir()
     return index
@@ -314,3 +320,66 @@ def _extract_store(
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(store.path, destination)
     return stats
+
+
+@dataclass
+class GradientStageResult:
+    """What stage 2 made, with the views its report shows."""
+
+    index: GradientIndex
+    profile_grid: np.ndarray  # [M] the fine timestep grid of the norm profile
+    profiles: dict[int, np.ndarray]  # step → [n_samples, M, draws] exact norms
+    one_sample: dict  # one training sample's profile at the last checkpoint, with its replays
+    metrics: dict
+
+
+def run(
+    P: Params,
+    train_dir: str | Path = "data/train",
+    out_dir: str | Path = "data/gradients",
+    report_dir: str | Path = "reports/02_gradients",
+    progress: bool = True,
+) -> GradientStageResult:
+    """Extract every store (resuming), then read back the norm profiles; writes metrics.json."""
+    device = resolve_device(P.device)
+    run_gradient_stage(P, train_dir, out_dir, device, progress=progress)
+    index = GradientIndex.open(out_dir)
+    log = TrainingRun.open(train_dir).replay_log()
+    grid = index.timesteps("profile")
+    profiles, last = {}, None
+    for entry in index.trajectory():
+        settings, arrays = index.load(entry)
+        profiles[entry.step] = profile_norms(arrays, len(grid), index.profile_draws)
+        last = (entry, settings, arrays)
+    entry, settings, arrays = last
+    sample_id = int(index.profile_train_ids[0])
+    events = np.asarray(arrays[REPLAY_EVENTS])
+    mine = np.flatnonzero(log.sample_id[events] == sample_id)
+    replay_norms = arrays[norm_array(REPLAY)][:, 0]
+    one = {
+        "sample_id": sample_id,
+        "step": entry.step,
+        "norms": profiles[entry.step][0],
+        "replayed": [(int(log.t[events[i]]), float(replay_norms[i])) for i in mine],
+    }
+    thr = index.data["throughput"]
+    metrics = {
+        "wall_time_s": index.data["wall_time_s"],
+        "gradients": thr["gradients"],
+        "sample_gradients": thr["sample_gradients"],
+        "ms_per_gradient": thr["ms_per_gradient"],
+        "ms_per_projection": thr["ms_per_projection"],
+        "n_params": settings["n_params"],
+        "engine": settings["engine"],
+        "projection": settings["projection"]["kind"],
+        "projection_dim": settings["projection"]["dim_out"],
+        "n_stores": len(index.stores()),
+        "norm_max_over_min": float(
+            profiles[entry.step].mean(axis=(0, 2)).max()
+            / profiles[entry.step].mean(axis=(0, 2)).min()
+        ),
+        "run_id": index.run_id,
+        "device": index.data["device"],
+    }
+    write_metrics(report_dir, metrics)
+    return GradientStageResult(index, grid, profiles, one, metrics)

@@ -1,0 +1,233 @@
+"""The TracIn family over the training trajectory, from stage 2's stores: one template, with
+the per-gradient weighting as the only thing a variant changes.
+
+    score(q, j) = Σ_k η_k ⟨G_k(q), T_k(j)⟩,   G_k(q) = (1/M) Σ_t w(ḡ_k(q, t)) ḡ_k(q, t),
+                                               T_k(j) = Σ_{(t,ε) ∈ R_k(j)} w(g) g
+
+with w = 1 (Diffusion-TracIn), w = 1/‖g‖ (Diffusion-ReTrac: exact norms recorded before
+projection) or w = 1/E‖g(t)‖ (timestep-calibrated TracIn: the checkpoint's mean norm at that
+timestep, from stage 2's norm profile). Grad-cosine replaces the inner product by
+cos(G_k(q), T_k(j)) (0 for a checkpoint whose window holds no draw of the sample). η_k is the
+learning rate of the update that produced θ_k. Inner products are taken between projected
+features (a seeded JL projection preserves them approximately; `projection: none` is exact).
+
+Training side: "replay" (the exact draws training made in each checkpoint's window, the paper's
+method; under the "interval" window a sample drawn several times sums several gradients) or
+"grid" (the training images at a uniform timestep grid, averaged over it; stage 2 extracts it at
+the last checkpoint unless `gradients.train_grid_at: all`). Checkpoints: "all" or "last".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffattr.artifacts.gradient_index import (
+    PROFILE,
+    QUERY,
+    REPLAY,
+    REPLAY_EVENTS,
+    TRAIN_GRID,
+    StoreEntry,
+    features_array,
+    norm_array,
+)
+from diffattr.artifacts.scores import Scores
+from diffattr.gradients.items import grid_cell
+from diffattr.methods.base import MethodInputs
+
+TRAIN_SIDES = ("replay", "grid")
+CHECKPOINTS = ("all", "last")
+
+
+@dataclass
+class Gradients:
+    """Projected gradients [..., k] of one set with their exact norms [...] and timesteps [...]."""
+
+    features: np.ndarray
+    norms: np.ndarray
+    t: np.ndarray
+
+
+@dataclass
+class Checkpoint:
+    """One trajectory store, as a weighting sees it."""
+
+    entry: StoreEntry
+    settings: dict
+    arrays: dict[str, np.ndarray]
+    num_train_timesteps: int
+    profile_draws: int
+
+    def mean_norm_at(self, t: np.ndarray) -> np.ndarray:
+        """E‖g(θ_k; x, t, ε)‖ [...] at timesteps t [...]: the profile's mean over samples and
+        draws in t's grid cell."""
+        norms = np.asarray(self.arrays[norm_array(PROFILE)], np.float64)
+        cells = norms.shape[1] // self.profile_draws
+        profile = norms.reshape(norms.shape[0], cells, self.profile_draws).mean(axis=(0, 2))
+        return profile[grid_cell(t, cells, self.num_train_timesteps)]
+
+
+Weighting = Callable[[Gradients, Checkpoint, str], np.ndarray]  # → weights [...] per gradient
+
+
+def unit_weights(g: Gradients, checkpoint: Checkpoint, what: str) -> np.ndarray:
+    """w = 1: plain gradients (TracIn)."""
+    return np.ones_like(g.norms)
+
+
+def inverse_norm_weights(g: Gradients, checkpoint: Checkpoint, what: str) -> np.ndarray:
+    """w = 1/‖g‖ with the exact norms (ReTrac); refuses zero or non-finite norms."""
+    return safe_inverse(g.norms, what, "exact gradient norms")
+
+
+def safe_inverse(values: np.ndarray, what: str, name: str) -> np.ndarray:
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])[:10].tolist()
+        raise ValueError(
+            f"{what}: {name} must be finite and positive to normalise; rows {rows} are not (a NaN "
+            "or all-zero gradient: check the model and its checkpoint)"
+        )
+    return 1.0 / values
+
+
+def check_options(side: str, checkpoints: str) -> None:
+    if side not in TRAIN_SIDES:
+        raise ValueError(f"unknown training side {side!r}; choose one of {list(TRAIN_SIDES)}")
+    if checkpoints not in CHECKPOINTS:
+        raise ValueError(f"unknown checkpoints {checkpoints!r}; choose one of {list(CHECKPOINTS)}")
+
+
+def _checkpoint(inputs: MethodInputs, entry: StoreEntry) -> Checkpoint:
+    settings, arrays = inputs.gradients.load(entry)
+    return Checkpoint(
+        entry,
+        settings,
+        arrays,
+        int(inputs.run.settings["model"]["num_train_timesteps"]),
+        inputs.gradients.profile_draws,
+    )
+
+
+def query_side(inputs: MethodInputs, ckpt: Checkpoint, weighting: Weighting) -> np.ndarray:
+    """G_k(q) [Q, k]: per-timestep query gradients [Q, M, k], weighted, averaged over t."""
+    feats = np.asarray(ckpt.arrays[features_array(QUERY)], np.float64)
+    norms = np.asarray(ckpt.arrays[norm_array(QUERY)], np.float64)
+    t = np.broadcast_to(inputs.gradients.timesteps("query"), norms.shape)
+    w = weighting(Gradients(feats, norms, t), ckpt, "query gradients")
+    return (feats * w[..., None]).mean(axis=1)
+
+
+def train_side(
+    inputs: MethodInputs, ckpt: Checkpoint, weighting: Weighting, side: str
+) -> np.ndarray:
+    """T_k(j) [N, k]: the weighted sum of sample j's replayed gradients (or its grid average)."""
+    if side == "grid":
+        if features_array(TRAIN_GRID) not in ckpt.arrays:
+            raise ValueError(
+                f"checkpoint {ckpt.entry.step} has no training-grid gradients; use checkpoints "
+                "'last' or rerun stage 2 with gradients.train_grid_at: all"
+            )
+        feats = np.asarray(ckpt.arrays[features_array(TRAIN_GRID)], np.float64)
+        norms = np.asarray(ckpt.arrays[norm_array(TRAIN_GRID)], np.float64)
+        t = np.broadcast_to(inputs.gradients.timesteps("train"), norms.shape)
+        w = weighting(Gradients(feats, norms, t), ckpt, "training-grid gradients")
+        return (feats * w[..., None]).mean(axis=1)
+    events = np.asarray(ckpt.arrays[REPLAY_EVENTS])
+    log = inputs.log
+    if len(events) and int(events.max()) >= len(log.step):
+        raise ValueError("the gradient stores index past the end of the replay log (dvc repro)")
+    feats = np.asarray(ckpt.arrays[features_array(REPLAY)][:, 0], np.float64)
+    norms = np.asarray(ckpt.arrays[norm_array(REPLAY)][:, 0], np.float64)
+    t = log.t[events].astype(np.int64)
+    w = weighting(Gradients(feats, norms, t), ckpt, "replayed gradients")
+    columns = inputs.gradients.columns(log.sample_id[events])
+    total = np.zeros((len(inputs.gradients.train_ids), feats.shape[1]))
+    np.add.at(total, columns, feats * w[:, None])
+    return total
+
+
+def cosine_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of x [n, k] scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def trajectory_scores(
+    inputs: MethodInputs,
+    weighting: Weighting,
+    side: str = "replay",
+    checkpoints: str = "all",
+    cosine: bool = False,
+) -> Scores:
+    """Σ_k η_k ⟨G_k(q), T_k(j)⟩ (or the cosine) over trajectory checkpoints: Scores [Q, N]."""
+    check_options(side, checkpoints)
+    values, provenance, settings = None, [], {}
+    for entry in inputs.gradients.trajectory(checkpoints):
+        ckpt = _checkpoint(inputs, entry)
+        settings = ckpt.settings
+        q = query_side(inputs, ckpt, weighting)
+        t = train_side(inputs, ckpt, weighting, side)
+        if cosine:
+            q, t = cosine_rows(q), cosine_rows(t)
+        term = float(entry.lr) * (q @ t.T)
+        values = term if values is None else values + term
+        provenance.append(
+            {"step": entry.step, "lr": entry.lr, "weights_hash": settings["weights_hash"]}
+        )
+    return inputs.gradients.scores(
+        values,
+        {
+            "checkpoints": provenance,
+            "replay_window": inputs.gradients.replay_window,
+            **inputs.gradients.provenance(settings),
+        },
+    )
+
+
+def training_image_scores(
+    inputs: MethodInputs, weighting: Weighting, n_queries: int = 64, cosine: bool = False
+) -> Scores:
+    """Image tracing: training images as queries, scored at the last checkpoint.
+
+    Query side: the training image's grid gradients at θ_K (weighted per timestep, averaged);
+    training side: the replayed draws of θ_K's window. A method that traces images ranks each
+    query's own training sample first. Returns [n_queries, N]; query_key holds the training
+    ids, query_kind "train", settings["self_columns"] each query's own column.
+    """
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be ≥ 1, got {n_queries}")
+    train_ids = inputs.gradients.train_ids
+    ckpt = _checkpoint(inputs, inputs.gradients.trajectory("last")[0])
+    if features_array(TRAIN_GRID) not in ckpt.arrays:
+        raise ValueError(f"checkpoint {ckpt.entry.step} has no training-grid gradients")
+    rows = np.linspace(0, len(train_ids) - 1, min(n_queries, len(train_ids))).astype(np.int64)
+    feats = np.asarray(ckpt.arrays[features_array(TRAIN_GRID)][rows], np.float64)
+    norms = np.asarray(ckpt.arrays[norm_array(TRAIN_GRID)][rows], np.float64)
+    t = np.broadcast_to(inputs.gradients.timesteps("train"), norms.shape)
+    w = weighting(Gradients(feats, norms, t), ckpt, "training-grid gradients")
+    q = (feats * w[..., None]).mean(axis=1)
+    tr = train_side(inputs, ckpt, weighting, "replay")
+    if cosine:
+        q, tr = cosine_rows(q), cosine_rows(tr)
+    entry = ckpt.entry
+    return Scores(
+        values=float(entry.lr) * (q @ tr.T),
+        train_ids=train_ids,
+        query_kind=np.full(len(rows), "train"),
+        query_key=train_ids[rows],
+        settings={
+            "evaluation": "image tracing (training images as queries)",
+            "checkpoints": [
+                {"step": entry.step, "lr": entry.lr, "weights_hash": ckpt.settings["weights_hash"]}
+            ],
+            "replay_window": inputs.gradients.replay_window,
+            "query_timesteps": inputs.gradients.timesteps("train").tolist(),
+            "projection": ckpt.settings["projection"],
+            "loss": ckpt.settings["loss"],
+            "self_columns": rows.tolist(),
+        },
+    )
