@@ -23,6 +23,23 @@ spec.write_text(json.dumps(k, indent=1))
 endef
 export SILENCE_KERNEL
 
+# The dev extra of pyproject.toml, split: curvlinops-for-pytorch and backpack-for-pytorch
+# declare torchvision (it breaks `import diffusers` next to our torch build; neither needs it),
+# so they go in with --no-deps; every other entry, their real runtime deps included, normally.
+define DEV_REQUIREMENTS
+import re, sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+with open("pyproject.toml", "rb") as f:
+    dev = tomllib.load(f)["project"]["optional-dependencies"]["dev"]
+no_deps = {"curvlinops-for-pytorch", "backpack-for-pytorch"}
+want = sys.argv[1] == "no-deps"
+print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() in no_deps) == want))
+endef
+export DEV_REQUIREMENTS
+
 .PHONY: env repro test lint notebooks-clean
 
 env: $(STAMP)
@@ -31,7 +48,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/python -c "$$DEV_REQUIREMENTS" deps | xargs $(BIN)/pip install --quiet
+	$(BIN)/python -c "$$DEV_REQUIREMENTS" no-deps | xargs $(BIN)/pip install --quiet --no-deps
+	$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is not None and 'torchvision got installed: it breaks import diffusers here')"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (diffattr)"
 	$(BIN)/python -c "$$SILENCE_KERNEL"
 	$(BIN)/dvc config core.analytics false

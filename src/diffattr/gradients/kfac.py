@@ -22,16 +22,23 @@ second moments of the per-sample pseudo-gradients Σ_l g_l a_lᵀ in that basis.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import math
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from diffattr.diffusion.schedule import add_noise
 from diffattr.diffusion.task import FISHER_TYPES, ggn_backprop_vectors, output_hessian_scale
 from diffattr.gradients.layerwise import conv_patches, plain_conv2d, stock_layer_type
+from diffattr.gradients.projection import Projector
+from diffattr.rng import Tag, keyed_generator
 
 APPROXIMATIONS = ("expand", "reduce")
+TIMESTEP_SAMPLING = ("stratified", "uniform")
 
 
 def curvature_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -79,6 +86,36 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return torch.cat([w, module.bias[:, None]], dim=1) if module.bias is not None else w
 
 
+def check_damping(damping: object) -> float:
+    """λ as a float: a real number (not a bool, not a string), finite and > 0."""
+    if isinstance(damping, torch.Tensor | np.ndarray) and damping.ndim == 0:
+        damping = damping.item()  # a 0-d tensor or array holds one number
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise ValueError(
+            f"damping must be a number (finite, > 0), got {damping!r} of type "
+            f"{type(damping).__name__}"
+        )
+    if not math.isfinite(damping) or not damping > 0:
+        raise ValueError(f"damping must be finite and > 0, got {damping!r}")
+    return float(damping)
+
+
+def check_dampings(dampings: object) -> list[float]:
+    """[L] dampings as floats from one number or a 1-D sequence / array / tensor of them."""
+    if isinstance(dampings, str | bytes):
+        raise ValueError(f"damping must be a number or a list of numbers, got {dampings!r}")
+    if isinstance(dampings, torch.Tensor | np.ndarray):
+        if dampings.ndim > 1:
+            raise ValueError(f"dampings must be 1-D, got shape {list(dampings.shape)}")
+        dampings = dampings.reshape(-1).tolist()
+    elif not isinstance(dampings, Iterable):
+        dampings = [dampings]
+    values = [check_damping(d) for d in dampings]
+    if not values:
+        raise ValueError("no damping given: pass at least one damping value (> 0)")
+    return values
+
+
 @dataclass
 class KFAC:
     """Kronecker factors per layer: A [din, din], G [dout, dout]; optional EK-FAC second moments
@@ -109,8 +146,7 @@ class KFAC:
 
     def solve(self, vectors: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
         """(K + λI)⁻¹ V per layer; V: [..., dout, din] (leading batch dims allowed)."""
-        if not damping > 0:
-            raise ValueError(f"damping must be > 0, got {damping}")
+        damping = check_damping(damping)
         out = {}
         for name, v in vectors.items():
             _, q_g, _, q_a = self.eigenbasis(name)
@@ -126,6 +162,78 @@ class KFAC:
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x_t [N, C, H, W], t [N], eps [N, ...]
+
+
+def fitting_draw(
+    seed: int, sample_id: int, draw: int, draws: int, num_timesteps: int, timesteps: str
+) -> tuple[int, torch.Generator]:
+    """Timestep of one fitting draw and the generator its noise comes from.
+
+    One CPU generator keyed by (seed, Tag.CURVATURE, sample_id, draw) gives first t, then ε.
+    timesteps "stratified": draw k of K falls uniformly in [⌊kT/K⌋, ⌊(k+1)T/K⌋), so each
+    image's K draws cover the schedule evenly (K ≤ T); "uniform": t uniform on [0, T).
+    Returns (t, the generator, positioned after t).
+    """
+    gen = keyed_generator(seed, Tag.CURVATURE, int(sample_id), int(draw))
+    if timesteps == "stratified":
+        lo, hi = draw * num_timesteps // draws, (draw + 1) * num_timesteps // draws
+    else:
+        lo, hi = 0, num_timesteps
+    t = lo + int(torch.randint(hi - lo, (1,), generator=gen))
+    return t, gen
+
+
+def fitting_batches(
+    images: torch.Tensor,
+    ids: Sequence[int] | np.ndarray,
+    alphas_cumprod: torch.Tensor,
+    draws: int,
+    seed: int,
+    batch_size: int = 64,
+    timesteps: str = "stratified",
+    device: torch.device | str = "cpu",
+) -> Iterator[Batch]:
+    """K-FAC's fitting data: `draws` noisy versions (x_t, t, ε) of every training image.
+
+    images: [N, C, H, W] training images in [-1, 1]; ids: [N] their sample ids (the keys,
+    not positions: a subset or reordering of the training set keeps each image's draws);
+    alphas_cumprod: [T] the schedule's ᾱ_t; draws: K ≥ 1 per image; seed: the run's seed.
+    Draw k of image i uses t and ε from `fitting_draw(seed, id_i, k, K, T, timesteps)` (see
+    there for the stratified / uniform timesteps), so EK-FAC's two passes, a rerun and any
+    batch_size see the same draws. Items go image-major ((i, 0), (i, 1), …, (i+1, 0), …), cut
+    in batches of batch_size. Yields (x_t [B, C, H, W] float32, t [B] int64, ε [B, C, H, W])
+    on `device`. Pass `lambda: fitting_batches(...)` to `fit_kfac`.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {list(images.shape)}")
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) != len(images):
+        raise ValueError(f"{len(images)} images but {len(ids)} ids; pass one id per image")
+    if timesteps not in TIMESTEP_SAMPLING:
+        raise ValueError(f"unknown timesteps {timesteps!r}; choose one of {TIMESTEP_SAMPLING}")
+    num_timesteps = len(alphas_cumprod)
+    for name, value in (("draws", draws), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if timesteps == "stratified" and draws > num_timesteps:
+        raise ValueError(
+            f"{draws} stratified draws need at least as many timesteps (T = {num_timesteps}); "
+            "use fewer draws or timesteps='uniform'"
+        )
+    shape = tuple(images.shape[1:])
+    items = [(i, k) for i in range(len(ids)) for k in range(draws)]
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        ts, eps = [], []
+        for i, k in chunk:
+            t, gen = fitting_draw(seed, int(ids[i]), k, draws, num_timesteps, timesteps)
+            ts.append(t)
+            eps.append(torch.randn(shape, generator=gen))
+        rows = torch.tensor([i for i, _ in chunk])
+        t = torch.tensor(ts, dtype=torch.long)
+        eps = torch.stack(eps)
+        x_t = add_noise(images[rows].float().cpu(), eps, t, alphas_cumprod.cpu())
+        yield x_t.to(device), t.to(device), eps.to(device)
 
 
 def _vector_count(fisher: str, d: int, mc_samples: int) -> int:
@@ -211,10 +319,14 @@ def fit_kfac(
     model: in eval mode (no dropout: both EK-FAC passes must see the same function); frozen
     parameters are fine. batches: a callable returning an iterable of (x_t [N, C, H, W], t [N],
     ε [N, C, H, W] or None for type2 / mc) — called twice for EK-FAC (factors, then corrections
-    in their eigenbasis), and it must yield the same batches each time (checked). Factors are
-    float64. The corrections use each sample's exact pseudo-gradient Σ_l g_l a_lᵀ, for both
-    weight-sharing approximations. loss_kind: the run's loss; "l1" is refused (its GGN is zero,
-    `diffusion.task.output_hessian_scale`).
+    in their eigenbasis), and it must yield the same batches each time (checked). Each batch's
+    products run in the model's precision (float32 for a float32 model, as curvlinops and
+    kronfluence do; a float64 model gives float64 throughout) and are summed over batches in
+    float64; factors, eigenbases and corrections are float64. The corrections use each sample's
+    exact pseudo-gradient Σ_l g_l a_lᵀ, for both weight-sharing approximations. loss_kind: the
+    run's loss; "l1" is refused (its GGN is zero, `diffusion.task.output_hessian_scale`).
+    Fitting data for a training set: `lambda: fitting_batches(images, ids, alphas_cumprod, K,
+    seed)`.
     """
     output_hessian_scale(loss_kind, 1)  # refuses l1 before any work
     if fisher not in FISHER_TYPES:
@@ -236,22 +348,10 @@ def fit_kfac(
             fingerprints.append(fingerprint)
             n = next(iter(inputs.values())).shape[0]
             for name, x in inputs.items():
-                x = x.double()
-                if approx == "expand":
-                    term = torch.einsum("nli,nlj->ij", x, x) / x.shape[1]
-                else:
-                    mean = x.mean(1)
-                    term = mean.T @ mean
-                a_sum[name] = a_sum.get(name, 0) + term
+                _accumulate(a_sum, name, _second_moment(x, approx, "inputs"))
             for per_vector in grads:
                 for name, g in per_vector.items():
-                    g = g.double()
-                    if approx == "expand":
-                        term = torch.einsum("nli,nlj->ij", g, g)
-                    else:
-                        total = g.sum(1)
-                        term = total.T @ total
-                    g_sum[name] = g_sum.get(name, 0) + term
+                    _accumulate(g_sum, name, _second_moment(g, approx, "grads"))
             count += n
         if not count:
             raise ValueError("no batches to fit K-FAC on")
@@ -284,6 +384,7 @@ def _eigen_corrections(
 ):
     """E[(Q_Gᵀ (Σ_l g_l a_lᵀ) Q_A)²] over samples and backprop vectors: [dout, din] per layer."""
     sums: dict[str, torch.Tensor] = {}
+    bases: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
     count = 0
     passes = _layer_passes(model, layers, batches(), fisher, mc_samples, seed, loss_kind)
     for i, (fingerprint, inputs, grads) in enumerate(passes):
@@ -295,13 +396,56 @@ def _eigen_corrections(
         n = next(iter(inputs.values())).shape[0]
         for per_vector in grads:
             for name, g in per_vector.items():
-                _, q_g, _, q_a = kfac.eigenbasis(name)
-                pseudo = torch.einsum("nlo,nli->noi", g.double(), inputs[name].double())
-                sums[name] = sums.get(name, 0) + (q_g.T @ pseudo @ q_a).pow(2).sum(0)
+                a = inputs[name]
+                key = (name, g.dtype)
+                if key not in bases:  # the float64 eigenbasis in the activations' precision
+                    _, q_g, _, q_a = kfac.eigenbasis(name)
+                    bases[key] = (q_g.to(g), q_a.to(g))
+                _accumulate(sums, name, _rotated_square_sum(g, a, *bases[key]))
         count += n
     if count != kfac.settings["n_samples"]:
         raise ValueError("batches() yielded fewer samples on EK-FAC's second pass")
     return {k: v / count for k, v in sums.items()}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, term: torch.Tensor) -> None:
+    """sums[name] += term, accumulated in float64 across batches."""
+    term = term.double()
+    if name in sums:
+        sums[name] += term
+    else:
+        sums[name] = term
+
+
+def _second_moment(x: torch.Tensor, approx: str, kind: str) -> torch.Tensor:
+    """One batch's unnormalised factor term from x [N, L, d] (in x's dtype): [d, d].
+
+    inputs: expand Σ_{n,l} x xᵀ / L, reduce Σ_n x̄ x̄ᵀ (x̄ the mean over L);
+    grads:  expand Σ_{n,l} x xᵀ,     reduce Σ_n x̃ x̃ᵀ (x̃ the sum over L).
+    """
+    if approx == "expand":
+        flat = x.reshape(-1, x.shape[-1])
+        term = flat.T @ flat
+        return term / x.shape[1] if kind == "inputs" else term
+    pooled = x.mean(1) if kind == "inputs" else x.sum(1)
+    return pooled.T @ pooled
+
+
+def _rotated_square_sum(
+    g: torch.Tensor, a: torch.Tensor, q_g: torch.Tensor, q_a: torch.Tensor
+) -> torch.Tensor:
+    """Σ_n (Q_Gᵀ (Σ_l g_nl a_nlᵀ) Q_A)²: g [N, L, dout], a [N, L, din] → [dout, din].
+
+    Builds the per-sample pseudo-gradients first and rotates them (N·dout·din·(dout + din)
+    flops after N·L·dout·din), or rotates g and a first (N·L·(dout² + din²)), whichever is
+    cheaper: the first for convolutions with many positions, the second for few tokens.
+    """
+    length, dout, din = g.shape[1], g.shape[2], a.shape[2]
+    if length * (dout * dout + din * din) < dout * din * (dout + din):
+        rotated = (g @ q_g).transpose(1, 2) @ (a @ q_a)
+    else:
+        rotated = q_g.T @ (g.transpose(1, 2) @ a) @ q_a
+    return rotated.square().sum(0)
 
 
 def layer_blocks(flat: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -341,3 +485,111 @@ def influence(
     return sum(
         torch.einsum("qoi,noi->qn", preconditioned[n], train_grads[n].double()) for n in kfac.G
     )
+
+
+def _parameter_slices(model: nn.Module) -> tuple[dict[str, slice], int]:
+    """Each parameter's columns in flattened gradients (named_parameters order), and D."""
+    slices, start = {}, 0
+    for name, p in model.named_parameters():
+        slices[name] = slice(start, start + p.numel())
+        start += p.numel()
+    return slices, start
+
+
+def precondition(
+    kfac: KFAC,
+    model: nn.Module,
+    query_grads: torch.Tensor,
+    dampings: float | Sequence[float] | torch.Tensor | np.ndarray,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(K + λI)⁻¹ ∇m(q) for every damping λ, in the full parameter space.
+
+    query_grads: [Q, D] flattened full per-sample gradients in `model.named_parameters()`
+    order (as `PerSampleGradients` returns them); dampings: [L] numbers, each finite and > 0
+    (or one number, L = 1). Returns [L, Q, D] in `dtype` (default: query_grads' dtype) on
+    query_grads' device: per Linear / Conv2d layer the block-diagonal K-FAC / EK-FAC solve
+    (`KFAC.solve`), and zeros at the coordinates of parameters K-FAC leaves out (GroupNorm
+    weights and biases), which therefore contribute nothing to the influence.
+
+    Each layer's gradients are rotated into its eigenbasis once (float64), then divided by
+    (eigenvalues + λ) and rotated back for every λ: many dampings cost one rotation each way
+    per λ and layer, not a refit. Memory: the output (L·Q·D elements) plus one layer's
+    rotated gradients; chunk the queries at large D (`preconditioned_features` does).
+
+    Influence at any scale: IF(q, j) = ⟨P·(K + λI)⁻¹ ∇m(q), P·∇ℓ(x_j)⟩, with P the stored
+    projector that made the training features P·∇ℓ(x_j); with projection "none" (P = I) this
+    equals `influence` on full gradients.
+    """
+    lambdas = check_dampings(dampings)
+    if query_grads.ndim != 2:
+        raise ValueError(
+            f"query_grads must be [Q, D] flattened gradients, got shape {list(query_grads.shape)}"
+        )
+    blocks = layer_blocks(query_grads, model)  # checks D against the model
+    if set(blocks) != set(kfac.G):
+        raise ValueError(
+            "the model's Linear / Conv2d layers differ from those K-FAC was fitted on "
+            f"(only in the model: {sorted(set(blocks) - set(kfac.G))[:5]}, only in the "
+            f"factors: {sorted(set(kfac.G) - set(blocks))[:5]}); pass the fitted model"
+        )
+    for name, block in blocks.items():
+        if block.shape[1:] != (len(kfac.G[name]), len(kfac.A[name])):
+            raise ValueError(
+                f"layer {name} of the model is {tuple(block.shape[1:])} (dout, din), the "
+                f"factors were fitted on {(len(kfac.G[name]), len(kfac.A[name]))}: the model's "
+                "layers differ from those K-FAC was fitted on; pass the fitted model"
+            )
+    slices, _ = _parameter_slices(model)
+    layers = curvature_layers(model)
+    device = query_grads.device
+    out = torch.zeros(
+        len(lambdas), *query_grads.shape, dtype=dtype or query_grads.dtype, device=device
+    )
+    for name, block in blocks.items():
+        _, q_g, _, q_a = (x.to(device) for x in kfac.eigenbasis(name))
+        eigenvalues = kfac.eigenvalues(name).to(device)
+        rotated = q_g.T @ block.double() @ q_a  # [Q, dout, din], once for every λ
+        weight = slices[f"{name}.weight"]
+        has_bias = layers[name].bias is not None
+        for i, lam in enumerate(lambdas):
+            solved = q_g @ (rotated / (eigenvalues + lam)) @ q_a.T
+            if has_bias:
+                out[i, :, slices[f"{name}.bias"]] = solved[:, :, -1]
+                solved = solved[:, :, :-1]
+            out[i, :, weight] = solved.reshape(len(solved), -1)
+    return out
+
+
+def preconditioned_features(
+    kfac: KFAC,
+    model: nn.Module,
+    query_grads: torch.Tensor,
+    dampings: float | Sequence[float] | torch.Tensor | np.ndarray,
+    projector: Projector,
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """P·(K + λI)⁻¹ ∇m(q) for every damping: [L, Q, k] float32 (float64 for float64 grads).
+
+    query_grads: [Q, D] flattened full gradients (named_parameters order); projector: the
+    stored one that made the training features (`projection.projector_from_settings`), with
+    dim_in = D. Queries go through `precondition` chunk_size at a time, so memory stays at
+    L·chunk_size·D. Score with the stored training features F [N, k]:
+    IF = features @ F.T → [L, Q, N] (> 0: proponent).
+    """
+    if projector.dim_in != query_grads.shape[-1]:
+        raise ValueError(
+            f"the projector takes {projector.dim_in} coordinates, the gradients have "
+            f"{query_grads.shape[-1]}: rebuild the projector the training features were made "
+            "with (projector_from_settings)"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    lambdas = check_dampings(dampings)
+    parts = []
+    for start in range(0, len(query_grads), chunk_size):
+        pre = precondition(kfac, model, query_grads[start : start + chunk_size], lambdas)
+        parts.append(torch.stack([projector.project(p) for p in pre]))
+    if not parts:
+        raise ValueError("no query gradients: query_grads is empty")
+    return torch.cat(parts, dim=1)
