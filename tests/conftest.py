@@ -120,3 +120,18 @@ def smoke_pipeline_ema(smoke_pipeline):
     out = gradient_dir.parent / "gradients_ema"
     run_gradient_stage(P, train_dir, out, torch.device("cpu"), False)
     return P, train_dir, out
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline_ema_exact(smoke_pipeline):
+    """The same run with the final-EMA store and no projection (exact inner products)."""
+    from diffattr import params as params_lib
+    from diffattr.stages.gradients import run_gradient_stage
+
+    _, train_dir, gradient_dir = smoke_pipeline
+    overrides = {**SMOKE_PIPELINE, "gradients": {**SMOKE_PIPELINE["gradients"]}}
+    overrides["gradients"].update(ema=True, projection="none")
+    P = params_lib.resolve(overrides)
+    out = gradient_dir.parent / "gradients_ema_exact"
+    run_gradient_stage(P, train_dir, out, torch.device("cpu"), False)
+    return P, train_dir, out

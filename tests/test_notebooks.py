@@ -34,6 +34,13 @@ SMOKE = {
         "grid_samples": 4,
         "grid_inference_steps": 2,
     },
+    "retrain": {"subsets": 3, "seeds": 2, "steps": 4, "measure_draws": 4, "workers": 1},
+    "lds": {
+        "methods": ["random", "grad_dot", "tracin", "trak", "ekfac"],
+        "dampings": [1e-4, 1e-1, 1e2],
+        "removal_queries": 1,
+        "removal_methods": ["ekfac"],
+    },
 }
 
 
@@ -158,4 +165,55 @@ def test_retrac_notebook_compares_methods_and_writes_metrics(bias):
     assert traced == {"tracin", "retrac", "calibrated", "grad_cosine", "pixel_cosine"}
     assert all(f["verdict"] in VERDICTS for f in metrics["findings"])
     for name in ("specificity", "top_proponents"):
+        assert (report / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def ground_truth(gradients) -> Path:
+    """Stage 5 at smoke scale: 3 subsets × 2 seeds of 4 steps."""
+    run_stage(
+        "05_ground_truth",
+        gradients,
+        train_dir="data/train",
+        out_dir="data/retrain",
+        report_dir="reports/05_ground_truth",
+    )
+    return gradients
+
+
+@pytest.mark.notebook
+def test_ground_truth_notebook_retrains_measures_and_saves(ground_truth):
+    from diffattr.artifacts.ground_truth import GroundTruth
+
+    truth = GroundTruth.load(ground_truth / "data" / "retrain")
+    assert truth.masks.shape == (3, 40) and (truth.masks.sum(1) == 20).all()
+    assert truth.measurements.shape == (3, 2, 6) and np.isfinite(truth.measurements).all()
+    report = ground_truth / "reports" / "05_ground_truth"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["models"] == 6 and metrics["steps_per_model"] == 4
+    assert (report / "figures" / "ground_truth_spread.png").stat().st_size > 1000
+
+
+@pytest.mark.notebook
+def test_lds_notebook_scores_every_method_and_retrains_without_top_proponents(ground_truth):
+    run_stage(
+        "06_lds",
+        ground_truth,
+        report_dir="reports/06_lds",
+        retrain_dir="data/retrain",
+        removal_dir="data/removal",
+        **{k: v for k, v in STAGE_3_4_PATHS.items() if k != "scores_dir"},
+    )
+    report = ground_truth / "reports" / "06_lds"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["lds"]] == [
+        "random",
+        "grad_dot",
+        "tracin",
+        "trak",
+        "ekfac",
+    ]
+    assert set(metrics["curves"]) == {"trak", "ekfac"}
+    assert {r["method"] for r in metrics["removal"]} == {"random", "ekfac"}
+    for name in ("lds", "lds_vs_damping"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000

@@ -62,7 +62,7 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 # Subpackages a stage depends on as a whole (any stage using one uses most of it); modules of
 # `stages/` and `evaluation/` are listed one by one, so editing one stage's code reruns only it.
-FOLDER_DEPS = {"artifacts", "data", "diffusion", "gradients", "methods", "storage"}
+FOLDER_DEPS = {"artifacts", "data", "diffusion", "gradients", "methods", "retraining", "storage"}
 
 
 def _dep_of(module_file: Path) -> str:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from diffattr.diffusion.model import UNET_CONFIGS
 from diffattr.diffusion.schedule import SCHEDULES
 from diffattr.diffusion.task import LOSS_KINDS
 from diffattr.diffusion.training import LR_DECAYS, resolve_checkpoint_steps
+from diffattr.evaluation.measurement import T_SAMPLINGS
 from diffattr.gradients.engines import ENGINES
 from diffattr.gradients.items import REPLAY_WINDOWS
 from diffattr.gradients.projection import PROJECTION_KINDS
+from diffattr.retraining.executors import EXECUTORS
 
 
 @dataclass
@@ -134,6 +137,55 @@ class AttributionParams:
 
 
 @dataclass
+class RetrainParams:
+    """Ground truth for the LDS: models retrained on random subsets of the training set."""
+
+    subsets: int = 10  # M random subsets
+    seeds: int = 2  # R training seeds per subset (the ground truth is their mean)
+    fraction: float = 0.5  # α: share of the training set in each subset
+    steps: int | None = None  # training steps per model (None: half of train.steps)
+    subset_seed: int = 0  # keys the subsets
+    executor: str = "local"  # local (worker processes) | slurm (a submitit array)
+    workers: int = 2  # local worker processes
+    threads: int = 1  # torch CPU threads per worker (the weights depend on it: keep it fixed)
+    slurm_partition: str | None = None
+    slurm_gpus: int = 1  # GPUs per job
+    slurm_time_min: int = 120  # time limit per job
+    slurm_parallelism: int = 32  # array jobs running at once
+    measure_draws: int = 256  # K (t, ε) draws per query for m(θ, q), the same for every model
+    measure_seed: int = 0
+    t_sampling: str = "stratified"  # stratified | uniform timesteps of the measurement draws
+
+
+@dataclass
+class LDSParams:
+    """Stage 6: every method scored by the LDS on the retrained ground truth."""
+
+    methods: list = field(
+        default_factory=lambda: [
+            "random",
+            "pixel_cosine",
+            "grad_dot",
+            "grad_cosine",
+            "tracin",
+            "retrac",
+            "calibrated",
+            "trak",
+            "dtrak",
+            "kfac",
+            "ekfac",
+        ]
+    )
+    # Values of each swept method's damping λ (absolute; the best lies where λ is comparable to
+    # the curvature's small eigenvalues, which differ by method: hence a wide grid).
+    dampings: list[float] = field(default_factory=lambda: [10.0**k for k in range(-10, 4)])
+    split_seed: int = 0  # halves of the queries: one picks λ, the other is scored
+    removal_queries: int = 2  # queries for retraining without their top proponents
+    removal_fraction: float = 0.02  # k = fraction · n_train proponents removed per query
+    removal_methods: list = field(default_factory=lambda: ["ekfac", "tracin"])  # + random
+
+
+@dataclass
 class Params:
     profile: str = "digits"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -143,6 +195,8 @@ class Params:
     sample: SampleParams = field(default_factory=SampleParams)
     gradients: GradientParams = field(default_factory=GradientParams)
     attribution: AttributionParams = field(default_factory=AttributionParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
+    lds: LDSParams = field(default_factory=LDSParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,6 +204,10 @@ class Params:
     def method_specs(self) -> list[methods.MethodSpec]:
         """The methods of `attribution.methods`, each with its resolved arguments."""
         return methods.resolve_specs(self.attribution.methods)
+
+    def retrain_steps(self) -> int:
+        """Training steps of each retrained model (`retrain.steps`, default half the run)."""
+        return self.retrain.steps or max(1, self.train.steps // 2)
 
     def checkpoint_steps(self) -> list[int]:
         """Sorted training steps at which attribution checkpoints are kept."""
@@ -178,6 +236,8 @@ SECTIONS = {
     "sample": SampleParams,
     "gradients": GradientParams,
     "attribution": AttributionParams,
+    "retrain": RetrainParams,
+    "lds": LDSParams,
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -190,6 +250,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("gradients", "train_grid_at"): ("last", "all"),
     ("gradients", "projection"): ("auto", *PROJECTION_KINDS),
     ("gradients", "engine"): ENGINES,
+    ("retrain", "executor"): EXECUTORS,
+    ("retrain", "t_sampling"): T_SAMPLINGS,
 }
 
 _CIFAR_TRAIN = {
@@ -255,8 +317,18 @@ def _merge(base: dict, overrides: dict, where: str) -> dict:
 
 
 # Integer parameters that may be 0 (all others must be ≥ 1); seeds may be any integer ≥ 0.
-_MAY_BE_ZERO = {"warmup_steps", "heldout_queries", "split_seed", "seed", "projection_seed"}
-_OPTIONAL = {"image_size", "max_train", "chunk_size"}  # None allowed
+_MAY_BE_ZERO = {
+    "warmup_steps",
+    "heldout_queries",
+    "split_seed",
+    "seed",
+    "projection_seed",
+    "subset_seed",
+    "measure_seed",
+    "removal_queries",
+    "slurm_gpus",
+}
+_OPTIONAL = {"image_size", "max_train", "chunk_size", "steps", "slurm_partition"}  # None allowed
 
 
 def _check_types(section: str, values: dict) -> None:
@@ -324,7 +396,25 @@ def resolve(raw: dict | None = None, overrides: dict | None = None) -> Params:
     )
     params.gradient_checkpoint_steps()  # validates both checkpoint lists
     _check_attribution(params.attribution)
+    _check_stage5(params)
     return params
+
+
+def _check_stage5(P: Params) -> None:
+    """Shares in (0, 1), dampings finite and > 0, method names known."""
+    r, lds = P.retrain, P.lds
+    for where, value in (
+        ("retrain.fraction", r.fraction),
+        ("lds.removal_fraction", lds.removal_fraction),
+    ):
+        if not 0 < value < 1:
+            raise ValueError(f"{where} must lie in (0, 1), got {value!r}")
+    lds.dampings = [_as_float(f"lds.dampings[{i}]", v) for i, v in enumerate(lds.dampings)]
+    bad = [v for v in lds.dampings if not (math.isfinite(v) and v > 0)]
+    if not lds.dampings or bad:
+        raise ValueError(f"lds.dampings must be finite numbers > 0, got {bad or 'none'}")
+    methods.resolve_specs(lds.methods)
+    methods.resolve_specs(lds.removal_methods)
 
 
 def _check_attribution(a: AttributionParams) -> None:

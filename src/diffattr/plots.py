@@ -316,3 +316,71 @@ def top_proponents(
             len(queries), k, *train_images.shape[1:]
         )
     return proponents(queries, rows, query_titles)
+
+
+def ground_truth_spread(truth) -> plt.Figure:
+    """Per query (x, sorted by the full model's loss): each subset's loss (mean over seeds, dots)
+    and each single model's (faint), relative to the full model trained on everything."""
+    measured = truth.measurements  # [M, R, Q]
+    order = np.argsort(truth.full)
+    rel = measured[:, :, order] - truth.full[order][None, None]
+    fig, ax = plt.subplots(figsize=(7, 3.0))
+    q = np.arange(len(order))
+    for r in range(rel.shape[1]):
+        ax.scatter(np.tile(q, rel.shape[0]), rel[:, r].reshape(-1), s=4, color="gray", alpha=0.25)
+    ax.scatter(np.tile(q, rel.shape[0]), rel.mean(axis=1).reshape(-1), s=8, color="tab:blue")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(
+        xlabel="query (sorted by the full model's loss)",
+        ylabel="loss − full model's loss",
+        title="subset means (blue) and single models (gray)",
+    )
+    fig.tight_layout()
+    return fig
+
+
+def lds_bars(table: pd.DataFrame, ceiling=None) -> plt.Figure:
+    """LDS ± SEM per method (held-out damping), the oracle choice as an open marker, and the
+    exact-retraining reference as a band."""
+    t = table.sort_values("lds").reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(t) + 1.2))
+    y = np.arange(len(t))
+    ax.errorbar(t.lds, y, xerr=t["sem"], fmt="o", color="tab:blue", capsize=3, label="LDS")
+    swept = t.oracle_lds.ne(t.lds)
+    ax.scatter(
+        t.oracle_lds[swept],
+        y[swept],
+        facecolors="none",
+        edgecolors="tab:red",
+        label="oracle damping",
+    )
+    if ceiling is not None:
+        ax.axvspan(
+            ceiling.mean - ceiling.sem,
+            ceiling.mean + ceiling.sem,
+            color="gray",
+            alpha=0.2,
+            label="exact retraining (seed vs rest)",
+        )
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_yticks(y, t.method)
+    ax.set(xlabel="LDS (Spearman, mean ± SEM over queries)")
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def lds_vs_damping(curves: dict[str, list[dict]]) -> plt.Figure:
+    """LDS (± SEM, all queries) against damping λ, one line per swept method.
+    curves: method → [{"damping", "lds", "sem"}]."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for method, points in curves.items():
+        lam = np.array([p["damping"] for p in points])
+        mean = np.array([np.nan if p["lds"] is None else p["lds"] for p in points], float)
+        sem = np.array([np.nan if p["sem"] is None else p["sem"] for p in points], float)
+        ax.plot(lam, mean, marker="o", ms=3, label=method)
+        ax.fill_between(lam, mean - sem, mean + sem, alpha=0.15)
+    ax.set(xscale="log", xlabel="damping λ", ylabel="LDS")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

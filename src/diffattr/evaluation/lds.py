@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffattr.evaluation.metrics import _check_scores, spearman
+from diffattr.evaluation.metrics import check_scores, spearman
 from diffattr.rng import Tag, key_seed
 
 
@@ -70,8 +70,8 @@ def summarise(rho: np.ndarray) -> LDSResult:
 
 
 def _check_pair(predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred = _check_scores(predicted, "predicted")
-    act = _check_scores(actual, "actual")
+    pred = check_scores(predicted, "predicted")
+    act = check_scores(actual, "actual")
     if pred.shape != act.shape:
         raise ValueError(
             f"predicted and actual must have the same shape [n_query, n_subsets], got "
@@ -99,7 +99,7 @@ def subset_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     prediction ranks subsets like the measured loss m(θ_S, q) (up to a per-query constant,
     which Spearman ignores). This is the one place predictions are formed.
     """
-    arr = _check_scores(scores).astype(np.float64, copy=False)
+    arr = check_scores(scores).astype(np.float64, copy=False)
     m = np.asarray(masks)
     if m.dtype != bool:
         raise ValueError(f"masks must be a bool array (True = in the subset), got dtype {m.dtype}")

@@ -31,7 +31,7 @@ def _nan_rows_message(name: str, rows: np.ndarray) -> str:
     return f"{name} contain NaN in query rows [{shown}{more}]"
 
 
-def _check_scores(scores: np.ndarray, name: str = "scores") -> np.ndarray:
+def check_scores(scores: np.ndarray, name: str = "scores") -> np.ndarray:
     """Validated 2-D float view of ``scores``: non-empty, no NaN (error names the rows)."""
     arr = np.asarray(scores)
     if arr.ndim != 2:
@@ -76,7 +76,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     scores: [n_query, n_train]; 1 <= k <= n_train. Returns [n_query, k] int64; ties are broken
     by the lower column index (stable sort on -scores).
     """
-    arr = _check_scores(scores)
+    arr = check_scores(scores)
     k = _check_k(k, arr.shape[1])
     order = np.argsort(-arr, axis=1, kind="stable")
     return np.ascontiguousarray(order[:, :k], dtype=np.int64)
@@ -121,7 +121,7 @@ def specificity_sweep(scores: np.ndarray, ks: Iterable[int], taus: Iterable[floa
     dict per pair, k-major: {"k": int, "tau": float, "unique_ratio": float,
     "generally_influential": int (number of such training samples)}.
     """
-    arr = _check_scores(scores)
+    arr = check_scores(scores)
     n_query, n_train = arr.shape
     ks = [_check_k(k, n_train) for k in ks]
     taus = [_check_tau(tau) for tau in taus]
@@ -167,7 +167,7 @@ def outlier_share(
     bool mask or a 1-D index array (repeated indices count repeatedly). Returns a value in
     [0, 1]: (outlier slots) / (n_selected * k).
     """
-    arr = _check_scores(scores)
+    arr = check_scores(scores)
     n_query, n_train = arr.shape
     flags = np.asarray(is_outlier)
     if flags.dtype != bool:
@@ -190,7 +190,7 @@ def self_rank(scores: np.ndarray, self_index: np.ndarray) -> np.ndarray:
     Returns [n_query] int64; rank = 1 + (number of strictly larger scores in the row), so a
     tie for first place is rank 1.
     """
-    arr = _check_scores(scores)
+    arr = check_scores(scores)
     n_query, n_train = arr.shape
     idx = np.asarray(self_index)
     if idx.shape != (n_query,):

@@ -121,3 +121,25 @@ def extract(
     bar.close()
     stats.per_set[name] = round(stats.gradient_s + stats.projection_s, 3)
     return stats
+
+
+def mean_gradients(
+    items: ItemSet, grads: PerSampleGradients, batch_size: int = 64, progress: bool = False
+) -> torch.Tensor:
+    """Full (unprojected) gradients of each image averaged over its M timesteps and S draws:
+    [N, D] float32 on the gradients' device — ∇ of the measurement averaged over the grid, for
+    the few queries whose full gradients a method needs (K-FAC's preconditioned queries)."""
+    rows_per_batch = max(1, batch_size // items.m)
+    shape = tuple(items.x0.shape[1:])
+    out = torch.zeros(items.n, grads.dim, device=grads.device)
+    for start in tqdm(
+        range(0, items.n, rows_per_batch), disable=not progress, desc="query gradients"
+    ):
+        rows = np.arange(start, min(items.n, start + rows_per_batch))
+        b = len(rows)
+        x0 = items.x0[torch.from_numpy(rows)].repeat_interleave(items.m, dim=0)
+        t = items.t[torch.from_numpy(rows)].reshape(-1)
+        eps = items.noise(rows).reshape(b * items.m, items.draws, *shape)
+        g = grads(x0.to(grads.device), t.to(grads.device), eps.to(grads.device))
+        out[start : start + b] = g.reshape(b, items.m, -1).mean(dim=1)
+    return out

@@ -15,7 +15,10 @@ from diffattr.artifacts.scores import Scores
 from diffattr.methods import (
     calibrated,
     dtrak,
+    ekfac,
     grad_cosine,
+    grad_dot,
+    kfac,
     pixel_cosine,
     random_baseline,
     retrac,
@@ -29,8 +32,11 @@ _BUILT_IN = (
     retrac.METHOD,
     calibrated.METHOD,
     grad_cosine.METHOD,
+    grad_dot.METHOD,
     trak.METHOD,
     dtrak.METHOD,
+    kfac.METHOD,
+    ekfac.METHOD,
     random_baseline.METHOD,
     pixel_cosine.METHOD,
 )

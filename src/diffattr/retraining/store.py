@@ -34,9 +34,9 @@ from diffattr.diffusion.model import unet_config
 from diffattr.retraining.jobs import RetrainJob
 from diffattr.storage.arrays import (
     StoreMismatchError,
-    _write_json_atomic,
     normalise_settings,
     setting_differences,
+    write_json_atomic,
 )
 from diffattr.storage.checkpoints import settings_hash
 
@@ -121,7 +121,7 @@ class ModelStore:
                 "store: delete it or choose another path"
             )
         path.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(file, {"format_version": FORMAT_VERSION, "settings": settings})
+        write_json_atomic(file, {"format_version": FORMAT_VERSION, "settings": settings})
         return cls(path, settings)
 
     @classmethod

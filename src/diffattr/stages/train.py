@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,21 @@ def run(
 
 
 def write_metrics(report_dir: str | Path, metrics: dict) -> Path:
-    """`report_dir/metrics.json` (tracked by DVC: `dvc metrics show`)."""
+    """`report_dir/metrics.json` (tracked by DVC: `dvc metrics show`); NaN written as null."""
     path = Path(report_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, default=str))
+    path.write_text(json.dumps(_plain(metrics), indent=2, default=str, allow_nan=False))
     return path
+
+
+def _plain(value):
+    """JSON-ready: NaN / inf → None, numpy scalars → Python numbers, containers recursed."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -121,7 +121,7 @@ def setting_differences(stored: Any, requested: Any, key: str = "") -> list[str]
     return []
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -210,7 +210,7 @@ class ArrayStore:
         meta = {"format_version": FORMAT_VERSION, "settings": settings, "arrays": specs}
         meta["complete"] = False
         # meta.json last: a directory without it is an interrupted creation, redone next time.
-        _write_json_atomic(path / META_FILE, meta)
+        write_json_atomic(path / META_FILE, meta)
         return cls(path, meta)
 
     @staticmethod
@@ -311,7 +311,7 @@ class ArrayStore:
         meta = _read_meta(self.path)
         if meta.get("complete") != complete:
             meta["complete"] = complete
-            _write_json_atomic(self.path / META_FILE, meta)
+            write_json_atomic(self.path / META_FILE, meta)
 
     # ---- progress
 
