@@ -91,8 +91,11 @@ def lr_at(step: int, cfg: TrainParams) -> float:
 def run_settings(
     dataset: ImageDataset, model_cfg: ModelParams, train_cfg: TrainParams, config: dict
 ) -> dict:
-    """Everything that determines the trained weights; a resume must match it exactly."""
+    """Everything that determines the trained weights; a resume must match it exactly. The
+    replay-log format is part of it: a work folder of an older format (other draw keys) is
+    never resumed."""
     return {
+        "replay_format": FORMAT_VERSION,
         "dataset": dataset.name,
         "train_ids_hash": settings_hash({"ids": dataset.ids.tolist()}),
         "n_train": len(dataset),
