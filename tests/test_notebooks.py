@@ -147,7 +147,7 @@ def test_timestep_bias_notebook_saves_scores_figures_and_metrics(bias):
     assert metrics["methods"] == default and set(metrics["spearman_norm_vs_topk"]) == set(default)
     assert {row["queries"] for row in metrics["per_query_kind"]} == {"generated", "heldout"}
     claims = [f["claim"] for f in metrics["findings"]]
-    assert len(claims) == 3 and all(f["verdict"] in VERDICTS for f in metrics["findings"])
+    assert len(claims) == 4 and all(f["verdict"] in VERDICTS for f in metrics["findings"])
     names = ("norm_profile_band", "norm_vs_topk", "replayed_t_of_proponents", "band_shares")
     for name in names:
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
