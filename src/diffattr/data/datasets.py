@@ -285,6 +285,28 @@ def load_dataset(
     return dataset if limit is None else dataset.subset(dataset.ids[:limit])
 
 
+def dataset_size(
+    name: str,
+    split: str = "train",
+    root: str | Path = "data/raw",
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+) -> int:
+    """Number of images `load_dataset` returns with these arguments (CelebA counted from its
+    partition file, without decoding images)."""
+    if name == "celeba":
+        part_file = Path(root) / "celeba" / "list_eval_partition.txt"
+        if not part_file.is_file():
+            raise DatasetNotFoundError(f"CelebA not found: missing {part_file}\n"
+                                       + _celeba_help(Path(root)))
+        wanted = _CELEBA_PARTITION[split]
+        n = sum(p == wanted for p in read_celeba_partition(part_file).values())
+    else:
+        n = len(load_dataset(name, split, root, seed=seed))
+    return n if limit is None else min(n, limit)
+
+
 def _unknown_name_message(name: str) -> str:
     """Error text for an unknown dataset name, with a close match when there is one."""
     message = f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}"
