@@ -515,3 +515,84 @@ def test_celeba_missing_partition_file_is_named(tmp_path: Path) -> None:
         load_dataset("celeba", root=tmp_path)
     assert str(tmp_path / "celeba" / "list_eval_partition.txt") in str(info.value)
     assert "list_eval_partition.txt" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt or truncated files: the error names the file and says where to re-download it
+# ---------------------------------------------------------------------------------------------
+
+
+def _copy_cifar(cifar: dict, tmp_path: Path) -> Path:
+    """A writable copy of the fake CIFAR-10 folder; returns the new root."""
+    source = cifar["root"] / "cifar-10-batches-py"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for path in source.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    return tmp_path
+
+
+def test_truncated_cifar_batch_names_the_file_and_the_download(cifar: dict, tmp_path: Path):
+    root = _copy_cifar(cifar, tmp_path)
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:5000])
+    with pytest.raises(data.DatasetCorruptError) as info:
+        load_dataset("cifar10", root=root)
+    message = str(info.value)
+    assert str(batch) in message and data.CIFAR_URL in message and "download it again" in message
+
+
+def test_cifar_batch_of_other_content_names_the_file(cifar: dict, tmp_path: Path):
+    root = _copy_cifar(cifar, tmp_path)
+    batch = root / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps({b"something": 1}))
+    with pytest.raises(data.DatasetCorruptError, match="not a CIFAR-10 batch") as info:
+        load_dataset("cifar10", "heldout", root=root)
+    assert str(batch) in str(info.value) and data.CIFAR_URL in str(info.value)
+
+
+def test_gz_that_is_not_gzip_names_the_file_and_the_download(tmp_path: Path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(data.DatasetCorruptError) as info:
+        read_idx(path)
+    assert str(path) in str(info.value) and data.MNIST_URL in str(info.value)
+
+
+def test_truncated_gz_names_the_file(tmp_path: Path):
+    write_idx(tmp_path / "full.gz", np.arange(500, dtype=np.uint8))
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes((tmp_path / "full.gz").read_bytes()[:-12])
+    with pytest.raises(data.DatasetCorruptError, match="gzip") as info:
+        read_idx(cut)
+    assert str(cut) in str(info.value)
+
+
+def test_bad_idx_in_mnist_folder_fails_at_load_naming_the_file(cifar: dict, tmp_path: Path):
+    root = _copy_cifar(cifar, tmp_path)
+    write_mnist(root, cifar["mnist"], cifar["mnist_labels"], suffix="")
+    labels = root / "mnist" / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-3])
+    with pytest.raises(data.DatasetCorruptError, match="do not match") as info:
+        load_dataset("cifar_mnist", root=root)
+    assert str(labels) in str(info.value) and data.MNIST_URL in str(info.value)
+
+
+def test_celeba_partition_without_training_rows_names_the_file(tmp_path: Path, celeba_root):
+    (tmp_path / "celeba").mkdir()
+    (tmp_path / "celeba" / "img_align_celeba").symlink_to(
+        celeba_root / "celeba" / "img_align_celeba"
+    )
+    part = tmp_path / "celeba" / "list_eval_partition.txt"
+    part.write_text("000004.jpg 1\n000005.jpg 2\n")
+    with pytest.raises(data.DatasetCorruptError, match="no images of partition 0") as info:
+        load_dataset("celeba", root=tmp_path)
+    assert str(part) in str(info.value) and data.CELEBA_URL in str(info.value)
+
+
+def test_unreadable_celeba_image_names_the_file(tmp_path: Path):
+    path = tmp_path / "000001.jpg"
+    path.write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(data.DatasetCorruptError) as info:
+        data.celeba_image(path, 64)
+    assert str(path) in str(info.value) and data.CELEBA_URL in str(info.value)

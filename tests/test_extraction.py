@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from diffattr import params as params_lib
 from diffattr.artifacts.training_run import TrainingRun
@@ -25,7 +28,7 @@ from diffattr.gradients.items import (
 from diffattr.gradients.projection import make_projector
 from diffattr.stages import gradients as stage_mod
 from diffattr.stages.gradients import run_gradient_stage
-from diffattr.storage.arrays import ArrayStore, StoreMismatchError, load_store
+from diffattr.storage.arrays import ArrayStore, load_store
 from diffattr.storage.checkpoints import work_folder
 
 
@@ -179,22 +182,78 @@ def trained_smoke(tmp_path_factory):
     return root / "train"
 
 
-def test_gradient_stage_refuses_a_store_made_with_other_settings(trained_smoke, tmp_path):
+def test_a_finished_store_of_other_settings_is_replaced_never_mixed(trained_smoke, tmp_path):
+    """data/gradients persists across DVC reruns: a store of earlier parameters is removed."""
     P = params_lib.resolve(SMOKE)
     run_gradient_stage(P, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
     other = params_lib.resolve(SMOKE, {"gradients": {"projection_seed": 1}})
-    with pytest.raises(StoreMismatchError, match="seed"):
-        run_gradient_stage(other, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+    index = run_gradient_stage(other, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+    for store in index["stores"]:
+        settings, _ = load_store(tmp_path / "grads" / store["path"])
+        assert settings["projection"]["seed"] == 1
 
 
-def test_stores_record_the_engine_and_refuse_mixing_engines(trained_smoke, tmp_path):
+def test_stores_record_the_engine_and_never_mix_engines(trained_smoke, tmp_path):
     P = params_lib.resolve(SMOKE)
     index = run_gradient_stage(P, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
     settings, _ = load_store(tmp_path / "grads" / index["stores"][0]["path"])
     assert index["engine"] == settings["engine"] == "layerwise"
     vmapped = params_lib.resolve(SMOKE, {"gradients": {"engine": "vmap"}})
-    with pytest.raises(StoreMismatchError, match="engine"):
-        run_gradient_stage(vmapped, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+    run_gradient_stage(vmapped, trained_smoke, tmp_path / "grads", torch.device("cpu"), False)
+    settings, _ = load_store(tmp_path / "grads" / index["stores"][0]["path"])
+    assert settings["engine"] == "vmap"
+
+
+def test_stores_of_checkpoints_no_longer_requested_are_removed(trained_smoke, tmp_path):
+    P = params_lib.resolve(SMOKE)
+    out = tmp_path / "grads"
+    run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
+    (out / "raw_step_0000001").mkdir()
+    (out / "raw_step_0000001" / "meta.json").write_text("{}")
+    index = run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
+        s["path"] for s in index["stores"]
+    )
+
+
+def test_killed_stage_keeps_finished_stores_and_recomputes_only_the_unfinished(
+    trained_smoke, tmp_path, monkeypatch
+):
+    """Killed while extracting the EMA store, after the raw store finished: DVC keeps
+    data/gradients (persist: true), and the rerun computes only the EMA store."""
+    dvc = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())
+    assert {"data/gradients": {"persist": True}} in dvc["stages"]["gradients"]["outs"]
+    P = params_lib.resolve(SMOKE)
+    out = tmp_path / "grads"
+    real, seen = stage_mod.extract, []
+
+    def killed_in_the_ema_store(store, set_name, *args, **kwargs):
+        seen.append(store.path.name.split("-")[0])
+        if store.path.name.startswith("ema_step"):
+            raise KeyboardInterrupt  # as SIGINT from a killed dvc repro
+        return real(store, set_name, *args, **kwargs)
+
+    monkeypatch.setattr(stage_mod, "extract", killed_in_the_ema_store)
+    with pytest.raises(KeyboardInterrupt):
+        run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
+    finished = out / "raw_step_0000003"
+    assert (finished / "meta.json").exists() and not (out / "ema_step_0000003").exists()
+    stamps = {f.name: f.stat().st_mtime_ns for f in finished.iterdir()}
+
+    computed: dict[str, int] = {}
+
+    def counted(store, *args, **kwargs):
+        stats = real(store, *args, **kwargs)
+        name = store.path.name.split("-")[0]
+        computed[name] = computed.get(name, 0) + stats.gradients
+        return stats
+
+    monkeypatch.setattr(stage_mod, "extract", counted)
+    run_gradient_stage(P, trained_smoke, out, torch.device("cpu"), False)
+    # the finished raw store was not recomputed, the unfinished EMA store was
+    assert computed.get("raw_step_0000003", 0) == 0 and computed["ema_step_0000003"] > 0
+    assert {f.name: f.stat().st_mtime_ns for f in finished.iterdir()} == stamps
+    load_store(out / "ema_step_0000003")
 
 
 def test_interrupted_stage_resumes_from_its_work_folder(trained_smoke, tmp_path, monkeypatch):

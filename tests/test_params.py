@@ -62,7 +62,12 @@ def test_the_repository_params_file_resolves(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"profile": "celeba"}))
     assert load(path).data.image_size == 64
-    assert load(tmp_path / "missing.yaml").profile == "digits"
+    assert load(None).profile == "digits"
+
+
+def test_a_named_params_file_that_does_not_exist_is_an_error_not_the_defaults(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load(tmp_path / "missing.yaml")
 
 
 @pytest.mark.parametrize(
@@ -83,3 +88,37 @@ def test_the_repository_params_file_resolves(tmp_path):
 def test_attribution_settings_are_checked(raw, fragment):
     with pytest.raises(ValueError, match=fragment):
         resolve(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every check up front, naming its key
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"lds": {"dampings": "1e-3"}}, "lds.dampings must be a list"),
+        ({"lds": {"dampings": ["small"]}}, r"lds.dampings\[0\] must be a number"),
+        ({"lds": {"dampings": [0.0]}}, "lds.dampings must be finite numbers > 0"),
+        ({"lds": {"dampings": [float("inf")]}}, "lds.dampings must be finite numbers > 0"),
+        ({"lds": {"dampings": [-1e-3]}}, "lds.dampings must be finite numbers > 0"),
+        ({"attribution": {"sweep_tau": 0.5}}, "attribution.sweep_tau must be a list"),
+        ({"attribution": {"top_k": "10"}}, "attribution.top_k must be an integer"),
+        ({"attribution": {"tau": "half"}}, "attribution.tau must be a number"),
+        ({"train": {"lr": "fast"}}, "train.lr must be a number"),
+        ({"train": {"checkpoints": ["a"]}}, r"train.checkpoints\[0\] must be a positive integer"),
+        ({"train": {"checkpoints": [3.5]}}, r"train.checkpoints\[0\] must be a positive integer"),
+        ({"retrain": {"fraction": "half"}}, "retrain.fraction must be a number"),
+    ],
+)
+def test_strings_where_numbers_are_expected_fail_naming_the_key(raw, key):
+    with pytest.raises(ValueError, match=key):
+        resolve(raw)
+
+
+def test_top_k_above_the_training_set_size_after_max_train_names_both():
+    P = resolve({"data": {"max_train": 8}, "attribution": {"top_k": 10}})
+    with pytest.raises(ValueError, match="attribution.top_k = 10 exceeds the 8 training") as info:
+        P.check_dataset_size(len(P.data.load("train")))
+    assert "data.max_train = 8" in str(info.value)
+    P.check_dataset_size(10)  # equal is fine

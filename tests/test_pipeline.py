@@ -19,10 +19,12 @@ def _diffattr_imports(source: str) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffattr"):
-            if node.module == "diffattr":
-                found |= {f"diffattr.{alias.name}" for alias in node.names}
-            else:
+            if node.module != "diffattr":
                 found.add(node.module)
+            for alias in node.names:  # `from diffattr.stages import train`: a submodule
+                name = f"{node.module}.{alias.name}"
+                if _module_path(name).exists():
+                    found.add(name)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("diffattr.")}
     return found
@@ -73,9 +75,18 @@ def _dep_of(module_file: Path) -> str:
     return str(target.relative_to(ROOT))
 
 
-def needed_deps(notebook: Path) -> set[str]:
-    """The src/ deps (subpackage folders and top-level modules) a notebook's imports run."""
-    used = _closure(_diffattr_imports(_notebook_source(notebook)))
+def _command_modules(cmd: str) -> set[str]:
+    """Modules a stage's command runs with `python -m diffattr.X` (the stage runner)."""
+    words = cmd.split()
+    return {
+        words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m" and "diffattr" in words[i + 1]
+    }
+
+
+def needed_deps(notebook: Path, cmd: str = "") -> set[str]:
+    """The src/ deps (subpackage folders and top-level modules) a notebook's imports run, and
+    those of the module the stage's command runs."""
+    used = _closure(_diffattr_imports(_notebook_source(notebook)) | _command_modules(cmd))
     return {_dep_of(_module_path(m)) for m in used}
 
 
@@ -84,8 +95,14 @@ def test_stage_deps_are_exactly_the_modules_its_notebook_imports(stage):
     deps = STAGES[stage]["deps"]
     notebooks = [d for d in deps if d.startswith("notebooks/")]
     assert len(notebooks) == 1, f"stage {stage} should depend on exactly one notebook"
-    needed = needed_deps(ROOT / notebooks[0])
+    needed = needed_deps(ROOT / notebooks[0], STAGES[stage]["cmd"])
     missing = sorted(needed - set(deps))
     assert not missing, f"stage {stage} runs {missing} but does not list them under deps"
     extra = sorted({d for d in deps if d.startswith("src/")} - needed)
     assert not extra, f"stage {stage} lists {extra} under deps but never runs them"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_runs_through_the_stage_runner(stage):
+    assert STAGES[stage]["cmd"].startswith(f"python -m diffattr.stage {stage} ")
+    assert "src/diffattr/stages/runner.py" in STAGES[stage]["deps"]

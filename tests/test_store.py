@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -223,3 +227,75 @@ def test_empty_arrays_are_complete(path):
     store.mark_complete()
     _, arrays = load_store(path)
     assert arrays["none"].shape == (0, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: an exception naming the file (not a SIGBUS), finished work kept
+
+
+def _full_disk(monkeypatch):
+    """Make every block reservation fail as on a full filesystem."""
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "posix_fallocate", no_space)
+
+
+def test_full_disk_at_store_creation_names_the_file_and_keeps_finished_work(tmp_path, monkeypatch):
+    finished = ArrayStore.open(tmp_path / "finished", SETTINGS, ARRAYS)
+    fill(finished)
+    finished.mark_complete()
+    _full_disk(monkeypatch)
+    with pytest.raises(store_module.OutOfSpaceError) as info:
+        ArrayStore.open(tmp_path / "next", SETTINGS, ARRAYS)
+    message = str(info.value)
+    assert str(tmp_path / "next" / "features.npy") in message
+    assert "Finished work is kept" in message and "rerun" in message
+    assert info.value.errno == errno.ENOSPC
+    assert not (tmp_path / "next" / "features.npy").exists()  # no partial file left behind
+    assert load_store(tmp_path / "finished")[1]["norms"].tolist() == list(np.arange(10.0))
+    monkeypatch.undo()  # space freed: the rerun creates the store
+    ArrayStore.open(tmp_path / "next", SETTINGS, ARRAYS)
+
+
+def test_store_files_are_preallocated_not_sparse(path):
+    store = ArrayStore.open(path, SETTINGS, {"big": ((256, 1024), "float32")})
+    stat = (store.path / "big.npy").stat()
+    assert stat.st_blocks * 512 >= 256 * 1024 * 4
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "RLIMIT_FSIZE"), reason="POSIX only")
+def test_file_size_limit_gives_an_error_naming_the_file_not_a_dead_process(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import resource
+        from diffattr.storage.arrays import ArrayStore
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        ArrayStore.open({str(tmp_path / "store")!r}, {{}}, {{"big": ((1024, 1024), "float32")}})
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr  # an exception, not a signal
+    assert "OutOfSpaceError" in done.stderr and str(tmp_path / "store" / "big.npy") in done.stderr
+    assert "Finished work is kept" in done.stderr
+
+
+def test_full_disk_when_saving_a_checkpoint_names_it(tmp_path, monkeypatch):
+    from diffattr.storage import checkpoints
+
+    def no_space(payload, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", no_space)
+    with pytest.raises(store_module.OutOfSpaceError, match="step_0000010.pt"):
+        checkpoints.save_checkpoint(tmp_path / "step_0000010.pt", {"x": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replay_log_memmaps_are_preallocated(tmp_path, monkeypatch):
+    from diffattr.diffusion.replay import ReplayLog
+
+    _full_disk(monkeypatch)
+    with pytest.raises(store_module.OutOfSpaceError, match="replay_step.npy"):
+        ReplayLog.empty(100, 8, {}, folder=tmp_path)

@@ -201,6 +201,17 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_dataset_size(self, n_train: int) -> None:
+        """Checks that need the training-set size (after `data.max_train`), made before any
+        stage works: `attribution.top_k` proponents per query must exist."""
+        if self.attribution.top_k > n_train:
+            raise ValueError(
+                f"attribution.top_k = {self.attribution.top_k} exceeds the {n_train} training "
+                f"images of {self.data.dataset!r}"
+                + (f" (data.max_train = {self.data.max_train})" if self.data.max_train else "")
+                + f"; set attribution.top_k ≤ {n_train}"
+            )
+
     def method_specs(self) -> list[methods.MethodSpec]:
         """The methods of `attribution.methods`, each with its resolved arguments."""
         return methods.resolve_specs(self.attribution.methods)
@@ -336,6 +347,10 @@ def _check_types(section: str, values: dict) -> None:
     for f in dataclasses.fields(SECTIONS[section]):
         where, value = f"{section}.{f.name}", values[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING and not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        if f.name == "checkpoints" and isinstance(value, list):
+            _check_int_list(where, value)
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ValueError(f"{where} must be true/false, got {value!r}")
@@ -358,6 +373,13 @@ def _check_types(section: str, values: dict) -> None:
                 raise ValueError(f"{where} must be ≥ {lowest}, got {value}")
         if (section, f.name) in CHOICES and value not in CHOICES[(section, f.name)]:
             raise _unknown(where, value, CHOICES[(section, f.name)])
+
+
+def _check_int_list(where: str, values: list) -> None:
+    """A list of positive integers (training steps), naming the first bad entry."""
+    for i, value in enumerate(values):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}[{i}] must be a positive integer (a step), got {value!r}")
 
 
 def _as_float(where: str, value: object) -> float:
@@ -439,10 +461,24 @@ def _check_attribution(a: AttributionParams) -> None:
         raise ValueError("attribution.sweep_tau must list at least one share")
 
 
-def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read params.yaml (missing file = all defaults) and resolve it."""
+def load(path: str | Path | None = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read a parameters file and resolve it; `path=None` means all defaults (no file).
+
+    A named file that does not exist raises FileNotFoundError (never silently the defaults).
+    """
+    if path is None:
+        return resolve({}, overrides)
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no parameters file at {path.resolve()}; give the path of the project's "
+            "params.yaml (relative paths are read from the working directory, "
+            f"{Path.cwd()}), or pass None for the defaults"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
     if raw is not None and not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a mapping of parameters, got {type(raw).__name__}")
     return resolve(raw, overrides)

@@ -38,6 +38,7 @@ import functools
 import gzip
 import os
 import pickle
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,19 @@ _MAX_LISTED = 10  # how many unknown ids / missing files an error message names
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message names the expected paths and their source."""
+
+
+class DatasetCorruptError(ValueError):
+    """A dataset file is truncated, corrupt or not what its name says; the message names the
+    file and where to download it again."""
+
+
+def _corrupt(path: Path, problem: str, source: str) -> DatasetCorruptError:
+    """The error for an unreadable dataset file: what is wrong, and to re-download it."""
+    return DatasetCorruptError(
+        f"{path} is corrupt or truncated ({problem}). Delete it and download it again from "
+        f"{source} (an interrupted download or unpacking leaves such files)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +285,28 @@ def load_dataset(
     return dataset if limit is None else dataset.subset(dataset.ids[:limit])
 
 
+def dataset_size(
+    name: str,
+    split: str = "train",
+    root: str | Path = "data/raw",
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+) -> int:
+    """Number of images `load_dataset` returns with these arguments (CelebA counted from its
+    partition file, without decoding images)."""
+    if name == "celeba":
+        part_file = Path(root) / "celeba" / "list_eval_partition.txt"
+        if not part_file.is_file():
+            raise DatasetNotFoundError(f"CelebA not found: missing {part_file}\n"
+                                       + _celeba_help(Path(root)))
+        wanted = _CELEBA_PARTITION[split]
+        n = sum(p == wanted for p in read_celeba_partition(part_file).values())
+    else:
+        n = len(load_dataset(name, split, root, seed=seed))
+    return n if limit is None else min(n, limit)
+
+
 def _unknown_name_message(name: str) -> str:
     """Error text for an unknown dataset name, with a close match when there is one."""
     message = f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}"
@@ -422,17 +458,22 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     The file is a pickled dict with b"data" (uint8 [n, 3072], row-major R, G, B planes) and
     b"labels" (n ints). Only open files from the official source: unpickling runs code.
     """
-    with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise _corrupt(path, f"{type(err).__name__}: {err}", CIFAR_URL) from err
     try:
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a CIFAR-10 batch (no b'data'/b'labels')") from err
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise _corrupt(path, "not a CIFAR-10 batch: no b'data'/b'labels'", CIFAR_URL) from err
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: data must be uint8 [n, 3072], got {data.dtype} {data.shape}")
+        problem = f"data must be uint8 [n, 3072], got {data.dtype} {list(data.shape)}"
+        raise _corrupt(path, problem, CIFAR_URL)
     if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(f"{path}: labels must be n={data.shape[0]} ints in 0..9")
+        raise _corrupt(path, f"labels must be n={data.shape[0]} ints in 0..9", CIFAR_URL)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -494,28 +535,37 @@ _IDX_DTYPES = {
 }
 
 
-def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
+def read_idx(
+    path: str | Path, expected_magic: int | None = None, source: str = MNIST_URL
+) -> np.ndarray:
     """Parse an IDX file (MNIST format; gzip when the name ends in .gz) into an array.
 
     Header: big-endian magic (two zero bytes, a type code, the number of dims; 2051 for MNIST
     images, 2049 for labels), then one big-endian uint32 per dim, then the data, row-major.
     Returns the data in its native numeric type (uint8 for MNIST), shape = the dims.
+    A truncated, corrupt or non-IDX file raises DatasetCorruptError naming it and `source`.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise _corrupt(path, f"not a complete gzip file: {err}", source) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+        raise _corrupt(path, "not an IDX file: bad magic number", source)
     magic = int.from_bytes(raw[:4], "big")
     if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"{path}: magic number {magic}, expected {expected_magic}")
+        raise _corrupt(path, f"IDX magic number {magic}, expected {expected_magic}", source)
     ndim = raw[3]
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise _corrupt(path, f"the IDX header of {ndim} dims is cut short", source)
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     dtype = _IDX_DTYPES[raw[2]]
-    start = 4 + 4 * ndim
     if len(raw) - start != int(np.prod(dims)) * dtype.itemsize:
-        raise ValueError(f"{path}: {len(raw) - start} data bytes do not match dims {dims}")
+        problem = f"{len(raw) - start} data bytes do not match the IDX dims {dims.tolist()}"
+        raise _corrupt(path, problem, source)
     data = np.frombuffer(raw, dtype=dtype, offset=start).reshape(tuple(dims))
     return data.astype(dtype.newbyteorder("="))
 
@@ -595,7 +645,8 @@ def read_celeba_partition(path: Path) -> dict[str, int]:
             continue
         fields = line.split()
         if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-            raise ValueError(f"{path}:{number}: expected '<file>.jpg <0|1|2>', got {line!r}")
+            problem = f"line {number}: expected '<file>.jpg <0|1|2>', got {line!r}"
+            raise _corrupt(path, problem, CELEBA_URL)
         partition[fields[0]] = int(fields[1])
     return partition
 
@@ -606,10 +657,13 @@ def celeba_image(path: Path, size: int) -> torch.Tensor:
     Centre crop of 140x140 (top = (H - 140) // 2, left = (W - 140) // 2; 39 and 19 for the
     178x218 aligned images), then :func:`resize_images`.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB"))
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise _corrupt(path, f"not a readable image: {err}", CELEBA_URL) from err
     h, w = rgb.shape[:2]
     if h < CELEBA_CROP or w < CELEBA_CROP:
         raise ValueError(f"{path}: {w}x{h} is smaller than the {CELEBA_CROP}px crop")
@@ -631,6 +685,10 @@ def _load_celeba(split: str, root: Path, seed: int, size: int) -> ImageDataset:
             raise DatasetNotFoundError(f"CelebA not found: missing {needed}\n{_celeba_help(root)}")
     wanted = _CELEBA_PARTITION[split]
     names = sorted(n for n, p in read_celeba_partition(part_file).items() if p == wanted)
+    if not names:
+        raise _corrupt(
+            part_file, f"it lists no images of partition {wanted} ({split})", CELEBA_URL
+        )
     present = set(os.listdir(img_dir))
     missing = [n for n in names if n not in present]
     if missing:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffattr.storage.arrays import create_memmap
+
 # 2: every event records its epoch, part of its draw's key.
 FORMAT_VERSION = 2
 
@@ -62,7 +64,7 @@ class ReplayLog:
                 if existing.shape == (n,) and existing.dtype == dtype:
                     arrays[name] = existing
                     continue
-            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+            arrays[name] = create_memmap(path, (n,), dtype)  # blocks reserved: no SIGBUS
             arrays[name][:] = fill
         return cls(**arrays, settings=dict(settings))
 

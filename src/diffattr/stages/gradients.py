@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diffattr.artifacts.gradient_index import (
+    INDEX_FILE,
     QUERY,
     QUERY_SQNORM,
     REPLAY,
@@ -51,7 +52,7 @@ from diffattr.gradients.items import (
 from diffattr.gradients.projection import Projector, make_projector
 from diffattr.params import Params
 from diffattr.stages.train import write_metrics
-from diffattr.storage.arrays import ArrayStore
+from diffattr.storage.arrays import ArrayStore, StoreMismatchError
 from diffattr.storage.checkpoints import (
     checkpoint_name,
     settings_diff,
@@ -110,6 +111,8 @@ def run_gradient_stage(
     """Extract every store of the stage (resuming finished rows) and write index.json."""
     out_dir = Path(out_dir)
     gp = P.gradients
+    # index.json is written last: while stores change, no reader may take the old one as valid.
+    (out_dir / INDEX_FILE).unlink(missing_ok=True)
     run = TrainingRun.open(train_dir)
     dataset, heldout = P.data.load("train"), P.data.load("heldout")
     check_matches_training(P, dataset, run)
@@ -221,10 +224,20 @@ def run_gradient_stage(
         "wall_time_s": round(time.perf_counter() - started, 2),
         "device": str(device),
     }
+    _remove_unrequested_stores(out_dir, {entry["path"] for entry in stores})
     GradientIndex.write(out_dir, index)
     with contextlib.suppress(OSError):  # absent, or holds unfinished stores of other settings
         work_folder(out_dir).rmdir()
     return index
+
+
+def _remove_unrequested_stores(out_dir: Path, requested: set[str]) -> None:
+    """Remove stores of out_dir that this run did not ask for (out_dir persists across DVC
+    reruns: a store of a checkpoint no longer extracted would otherwise stay in the output)."""
+    for folder in sorted(out_dir.iterdir()):
+        if folder.is_dir() and folder.name not in requested and (folder / "meta.json").exists():
+            print(f"removing {folder}: not a store of these parameters")
+            shutil.rmtree(folder)
 
 
 def store_name(weights: str, step: int) -> str:
@@ -235,12 +248,17 @@ def store_name(weights: str, step: int) -> str:
 def _open_store(
     out_dir: Path, name: str, settings: dict, specs: dict
 ) -> tuple[ArrayStore, Path | None]:
-    """A finished store in out_dir is reopened (and refused if made with other settings);
-    otherwise the store is opened, or resumed, in the work folder keyed by its settings.
+    """A finished store in out_dir is reopened; one made with other settings is removed (out_dir
+    persists across DVC reruns, so it may hold a store of earlier parameters). Otherwise the
+    store is opened, or resumed, in the work folder keyed by its settings.
     Returns the store and where to move it once complete (None: already in place)."""
     final = out_dir / name
     if (final / "meta.json").exists():
-        return ArrayStore.open(final, settings, specs), None
+        try:
+            return ArrayStore.open(final, settings, specs), None
+        except StoreMismatchError as err:
+            print(f"removing {final}: made with other settings ({str(err).splitlines()[1]} …)")
+            shutil.rmtree(final)
     work = work_folder(out_dir) / f"{name}-{settings_hash(settings)}"
     return ArrayStore.open(work, settings, specs), final
 

@@ -11,10 +11,17 @@ A stage opens its store with the settings that determine the numbers. Reopening 
 settings and array specs resumes (``pending`` lists the rows still to compute); anything else is
 refused with :class:`StoreMismatchError`, never silently mixed. Rows are flushed before they are
 marked done, so a crash can lose work in progress but never marks unwritten rows as done.
+
+Every memory-mapped file gets its disk blocks reserved when it is created
+(:func:`create_memmap`): a write through a memory map into a full filesystem would kill the
+process with SIGBUS, so running out of space must happen here, as an :class:`OutOfSpaceError`
+naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -35,6 +42,77 @@ class StoreMismatchError(ValueError):
 
 class StoreIncompleteError(RuntimeError):
     """A store is missing rows, or was never marked complete."""
+
+
+class OutOfSpaceError(OSError):
+    """No room on disk (or over the file-size limit) for a file; names the file and says that
+    finished work is kept."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# "No space left on device", "File too large" (ulimit -f), "Disk quota exceeded".
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def out_of_space(path: Path, err: OSError, needed: int | None = None) -> OutOfSpaceError:
+    """The error for running out of space while writing `path`."""
+    size = f" ({needed / 2**20:.1f} MiB needed)" if needed else ""
+    error = OutOfSpaceError(
+        f"no space left to write {path}{size}: {err.strerror or err}. Finished work is kept "
+        f"(completed rows, stores and checkpoints stay on disk): free space on that disk, or "
+        f"lift the file-size limit, and rerun the stage; it resumes where it stopped."
+    )
+    error.errno, error.filename = err.errno, str(path)
+    return error
+
+
+@contextlib.contextmanager
+def naming_space_errors(path: Path, needed: int | None = None):
+    """Turn "no space" / "file too large" OSErrors raised inside into OutOfSpaceError(path)."""
+    try:
+        yield
+    except OutOfSpaceError:
+        raise
+    except OSError as err:
+        if err.errno not in SPACE_ERRNOS:
+            raise
+        raise out_of_space(path, err, needed) from err
+
+
+def create_memmap(path: str | Path, shape: tuple[int, ...], dtype: str | np.dtype) -> np.memmap:
+    """A new zero-filled ``.npy`` file at ``path``, memory-mapped read-write, disk blocks reserved.
+
+    Raises OutOfSpaceError naming ``path`` (and removes the partial file) when the disk or the
+    file-size limit has no room for it; later writes through the map cannot run out of space.
+    """
+    path, dtype = Path(path), np.dtype(dtype)
+    needed = int(np.prod(shape)) * dtype.itemsize
+    try:
+        with naming_space_errors(path, needed):
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+            _reserve_blocks(path)
+    except OutOfSpaceError:
+        path.unlink(missing_ok=True)
+        raise
+    return array
+
+
+def _reserve_blocks(path: Path) -> None:
+    """Allocate every block of the (sparse) file at path; a no-op where unsupported."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS, Windows
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,13 +200,15 @@ def setting_differences(stored: Any, requested: Any, key: str = "") -> list[str]
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to a temporary file, then rename; OutOfSpaceError naming path if no room."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with naming_space_errors(path):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _read_meta(path: Path) -> dict:
@@ -357,11 +437,12 @@ def _missing_lines(missing: dict[str, np.ndarray]) -> str:
 
 
 def _create(path: Path, shape: list[int], dtype: str) -> None:
-    """Create a zero-filled ``.npy`` file of ``shape`` and ``dtype``."""
+    """Create a zero-filled ``.npy`` file of ``shape`` and ``dtype``, its blocks reserved."""
     if 0 in shape:  # numpy cannot memory-map an empty array; write a plain .npy
-        np.save(path, np.zeros(shape, dtype=dtype))
+        with naming_space_errors(path):
+            np.save(path, np.zeros(shape, dtype=dtype))
         return
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape)).flush()
+    create_memmap(path, tuple(shape), dtype).flush()
 
 
 def _load(path: Path, mode: str) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,7 +11,12 @@ from typing import Any
 
 import torch
 
-from diffattr.storage.arrays import setting_differences
+from diffattr.storage.arrays import (
+    OutOfSpaceError,
+    naming_space_errors,
+    out_of_space,
+    setting_differences,
+)
 
 
 def settings_hash(settings: dict) -> str:
@@ -39,8 +45,18 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with naming_space_errors(path):
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+    except RuntimeError as err:  # torch's zip writer reports a full disk as "write failed"
+        if "write failed" not in str(err) and "file write" not in str(err):
+            raise
+        tmp.unlink(missing_ok=True)
+        raise out_of_space(path, OSError(errno.ENOSPC, str(err))) from err
+    except OutOfSpaceError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path, expected_settings: dict | None = None) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""The pipeline's stages: each one's notebook, the folders it reads and the folders it writes.
+
+Shared by the stage runner (`python -m diffattr.stage NAME`, what `dvc.yaml` calls) and by the
+notebooks' first cell (:mod:`diffattr.stages.session`). The folder names are the notebooks'
+parameter names; their values come from the notebook (defaults) or from `-p` on the command.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+# Set (to "1") by the stage runner in the kernel's environment: outputs are the pipeline's own.
+RUNNER_ENV = "DIFFATTR_STAGE_RUNNER"
+SCRATCH = "scratch"  # where an interactive run writes instead of DVC-tracked outputs
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage: `notebooks/<notebook>.ipynb`, its input and output folder parameters."""
+
+    name: str
+    notebook: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def notebook_path(self, root: Path) -> Path:
+        return root / "notebooks" / f"{self.notebook}.ipynb"
+
+
+STAGES: dict[str, StageInfo] = {
+    s.name: s
+    for s in (
+        StageInfo("train", "01_train", (), ("out_dir", "report_dir")),
+        StageInfo("gradients", "02_gradients", ("train_dir",), ("out_dir", "report_dir")),
+        StageInfo(
+            "timestep_bias",
+            "03_timestep_bias",
+            ("train_dir", "gradient_dir"),
+            ("scores_dir", "report_dir"),
+        ),
+        StageInfo(
+            "retrac", "04_retrac", ("train_dir", "gradient_dir", "scores_dir"), ("report_dir",)
+        ),
+        StageInfo("ground_truth", "05_ground_truth", ("train_dir",), ("out_dir", "report_dir")),
+        StageInfo(
+            "lds",
+            "06_lds",
+            ("train_dir", "gradient_dir", "retrain_dir"),
+            ("removal_dir", "report_dir"),
+        ),
+    )
+}
+
+# Files and folders a stage writes into its report folder (DVC outs with `cache: false`).
+REPORT_FIGURES, REPORT_METRICS = "figures", "metrics.json"
+
+
+def stage_info(name: str) -> StageInfo:
+    """The stage called `name` (or whose notebook is `name`); ValueError with did-you-mean."""
+    for info in STAGES.values():
+        if name in (info.name, info.notebook):
+            return info
+    hint = difflib.get_close_matches(name, list(STAGES), n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise ValueError(f"unknown stage {name!r}{did_you_mean}; stages: {', '.join(STAGES)}")
+
+
+def find_project_root(start: str | Path | None = None) -> Path | None:
+    """The nearest folder at or above `start` (default: the working directory) holding both
+    `dvc.yaml` and `params.yaml`; None if there is none."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return None
