@@ -243,3 +243,27 @@ def test_same_seed_gives_byte_identical_outputs(tiny_dataset, model_params, trai
     assert len(files) >= 6
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_a_checkpoint_copied_over_another_step_is_refused_naming_both(
+    tiny_dataset, model_params, train_params, tmp_path
+):
+    import shutil
+
+    train(tiny_dataset, model_params, train_params, tmp_path / "run", progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copyfile(ckpts / checkpoint_name(4), ckpts / checkpoint_name(8))
+    with pytest.raises(ValueError, match="holds the weights of step 4, not 8"):
+        TrainingRun.open(tmp_path / "run").load_model(8)
+
+
+def test_queries_generated_by_other_weights_are_refused(
+    tiny_dataset, model_params, train_params, tmp_path
+):
+    from diffattr.diffusion.sampling import save_queries
+
+    train(tiny_dataset, model_params, train_params, tmp_path / "run", progress=False)
+    meta = {"weights_hash": "0000000000000000"}
+    save_queries(tmp_path / "run" / "queries.npz", torch.zeros(2, 1, 8, 8), [1, 2], meta)
+    with pytest.raises(ValueError, match="not by this run's final EMA"):
+        TrainingRun.open(tmp_path / "run").generated_queries()

@@ -23,7 +23,7 @@ provenance of every measurement.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from diffattr.diffusion.task import LOSS_KINDS, per_sample_loss
 from diffattr.gradients.items import KIND_GENERATED, KIND_HELDOUT, KIND_TRAIN
 from diffattr.rng import Tag, keyed_generator
 
+# Measurement noise is generated once and kept when all of it fits in this (48 queries × 256
+# draws of 8×8 digits: 3 MB; CIFAR-size query sets fall back to generating per batch).
+NOISE_CACHE_BYTES = 256 * 2**20
 T_SAMPLINGS = ("stratified", "uniform")
 KIND_CODES = {"train": KIND_TRAIN, "generated": KIND_GENERATED, "heldout": KIND_HELDOUT}
 
@@ -80,6 +83,7 @@ class MeasurementDraws:
     seed: int
     num_train_timesteps: int
     t_sampling: str
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_query(self) -> int:
@@ -93,7 +97,31 @@ class MeasurementDraws:
         self, queries: Sequence[int] | np.ndarray, draws: Sequence[int] | np.ndarray
     ) -> torch.Tensor:
         """The noise of the (query, draw) pairs (queries[i], draws[i]). Returns [P, C, H, W]
-        float32 on the CPU; each pair's noise depends on that query's identity and k alone."""
+        float32 on the CPU; each pair's noise depends on that query's identity and k alone.
+
+        When all Q·K draws fit in `NOISE_CACHE_BYTES` they are generated once, on the first
+        call, and reused by every later call (every model measured on these draws)."""
+        q_idx = np.asarray(queries, np.int64)
+        k_idx = np.asarray(draws, np.int64)
+        table = self._table()
+        if table is not None:
+            return table[torch.from_numpy(q_idx), torch.from_numpy(k_idx)]
+        return self._generate(q_idx, k_idx)
+
+    def _table(self) -> torch.Tensor | None:
+        """All draws [Q, K, C, H, W] when they fit in NOISE_CACHE_BYTES (made once), else None."""
+        size = self.n_query * self.n_draws * int(np.prod(self.image_shape)) * 4
+        if size > NOISE_CACHE_BYTES:
+            return None
+        if "table" not in self._cache:
+            q = np.repeat(np.arange(self.n_query), self.n_draws)
+            k = np.tile(np.arange(self.n_draws), self.n_query)
+            self._cache["table"] = self._generate(q, k).reshape(
+                self.n_query, self.n_draws, *self.image_shape
+            )
+        return self._cache["table"]
+
+    def _generate(self, queries: np.ndarray, draws: np.ndarray) -> torch.Tensor:
         out = torch.empty((len(queries), *self.image_shape))
         for i, (q, k) in enumerate(zip(queries, draws, strict=True)):
             _, gen = _draw(

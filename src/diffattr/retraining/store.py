@@ -208,7 +208,7 @@ class ModelStore:
         folder = self.folder(job) / EMA_DIR
         if not (self.folder(job) / MODEL_FILE).exists():
             raise FileNotFoundError(f"no finished model at {folder.parent}; run the retraining")
-        return UNet2DModel.from_pretrained(folder).to(device).eval()
+        return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
 
     def commit(self, job: RetrainJob, ema_folder: Path, record: dict) -> Path:
         """Move a finished run's EMA folder into the store with its record, atomically.
