@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: env repro test lint notebooks-clean
+.PHONY: env repro test lint notebooks-clean outliers
 
 env: $(STAMP)
 
@@ -72,3 +72,18 @@ lint: env
 # Strip outputs from the source notebooks (the executed ones live in reports/).
 notebooks-clean: env
 	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
+
+# The outlier study ([ReTrac] §5) on CPU: stages 1-4 under `profile: digits_outliers`, outputs
+# in data/outliers/ (git-ignored) and reports/digits_outliers/ (committed).
+OUTLIERS := -p params_file params.yaml -p overrides "{profile: digits_outliers}"
+outliers: env
+	$(BIN)/python -m diffattr.stage train $(OUTLIERS) -p out_dir data/outliers/train \
+	  -p report_dir reports/digits_outliers/01_train
+	$(BIN)/python -m diffattr.stage gradients $(OUTLIERS) -p train_dir data/outliers/train \
+	  -p out_dir data/outliers/gradients -p report_dir reports/digits_outliers/02_gradients
+	$(BIN)/python -m diffattr.stage timestep_bias $(OUTLIERS) -p train_dir data/outliers/train \
+	  -p gradient_dir data/outliers/gradients -p scores_dir data/outliers/scores \
+	  -p report_dir reports/digits_outliers/03_timestep_bias
+	$(BIN)/python -m diffattr.stage retrac $(OUTLIERS) -p train_dir data/outliers/train \
+	  -p gradient_dir data/outliers/gradients -p scores_dir data/outliers/scores \
+	  -p report_dir reports/digits_outliers/04_retrac
