@@ -21,6 +21,7 @@ from diffattr.data.datasets import ImageDataset
 from diffattr.diffusion.model import build_unet
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.diffusion.sampling import load_queries
+from diffattr.diffusion.schedule import build_scheduler
 from diffattr.storage.checkpoints import checkpoint_name, load_checkpoint, settings_hash
 
 RUN_FILE = "run.json"
@@ -70,6 +71,11 @@ class TrainingRun:
     def loss_history(self) -> np.ndarray:
         """[steps] mean training loss per step."""
         return np.load(self.path / LOSS_FILE)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t [T] of the schedule the run was trained with."""
+        model = self.settings["model"]
+        return build_scheduler(model["schedule"], model["num_train_timesteps"]).alphas_cumprod
 
     def lr(self, step: int) -> float:
         """η_k: the learning rate of the update that produced checkpoint `step`."""

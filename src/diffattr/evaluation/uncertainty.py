@@ -28,3 +28,8 @@ def compare_to(reference: float, low: float, high: float) -> str:
     if high < reference:
         return "below"
     return "within"
+
+
+def verdict(hits: int, total: int) -> str:
+    """ "holds" when a claim holds at every one of `total` points, "fails" at none, else "mixed"."""
+    return "holds" if hits == total else "fails" if hits == 0 else "mixed"

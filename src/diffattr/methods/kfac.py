@@ -22,7 +22,6 @@ import torch
 
 from diffattr.artifacts.gradient_index import QUERY, TRAIN_GRID, features_array
 from diffattr.artifacts.scores import Scores
-from diffattr.diffusion.schedule import build_scheduler
 from diffattr.gradients.engines import PerSampleGradients
 from diffattr.gradients.extraction import mean_gradients
 from diffattr.gradients.kfac import KFAC, fit_kfac, fitting_batches, preconditioned_features
@@ -63,7 +62,7 @@ def _fit(inputs: MethodInputs, args: KFACArgs) -> tuple[KFAC, object]:
     model, _ = inputs.run.load_model(ema=True)
     model = model.to(inputs.device)
     settings = inputs.run.settings["model"]
-    abar = build_scheduler(settings["schedule"], settings["num_train_timesteps"]).alphas_cumprod
+    abar = inputs.run.alphas_cumprod()
 
     def batches():
         return fitting_batches(
@@ -84,7 +83,7 @@ def query_gradients(inputs: MethodInputs, model) -> torch.Tensor:
         entry = inputs.gradients.ema()
         settings, _ = inputs.gradients.load(entry)
         run = inputs.run.settings["model"]
-        abar = build_scheduler(run["schedule"], run["num_train_timesteps"]).alphas_cumprod
+        abar = inputs.run.alphas_cumprod()
         items = inputs.queries.items(
             inputs.gradients.timesteps("query"),
             settings["sets"][QUERY]["draws"],

@@ -19,6 +19,7 @@ import numpy as np
 
 from diffattr.artifacts.gradient_index import QUERY, TRAIN_GRID, features_array
 from diffattr.artifacts.scores import Scores
+from diffattr.gradients.kfac import check_dampings
 from diffattr.methods.base import Method, MethodInputs
 
 
@@ -29,17 +30,6 @@ class DampedArgs:
     damping: float = 1e-2
 
 
-def check_dampings(dampings: Sequence[float]) -> np.ndarray:
-    """The dampings as float64 [L], each finite and > 0 (ValueError naming `damping`)."""
-    try:
-        lambdas = np.asarray(dampings, np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"damping must be numbers, got {dampings!r}") from None
-    if lambdas.ndim != 1 or not len(lambdas) or np.any(~np.isfinite(lambdas) | (lambdas <= 0)):
-        raise ValueError(f"damping must be finite and > 0, got {list(dampings)!r}")
-    return lambdas
-
-
 def damped_scores(
     train_features: np.ndarray, query_features: np.ndarray, dampings: Sequence[float]
 ) -> np.ndarray:
@@ -47,7 +37,7 @@ def damped_scores(
 
     train_features Φ: [N, k]; query_features: [Q, k]; dampings: λ > 0. Returns [L, Q, N] float64.
     """
-    lambdas = check_dampings(dampings)
+    lambdas = np.asarray(check_dampings(dampings), np.float64)
     phi = np.asarray(train_features, np.float64)
     queries = np.asarray(query_features, np.float64)
     if phi.ndim != 2 or queries.ndim != 2 or phi.shape[1] != queries.shape[1]:

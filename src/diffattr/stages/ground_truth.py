@@ -19,7 +19,6 @@ from tqdm import tqdm
 from diffattr.artifacts.ground_truth import GroundTruth
 from diffattr.artifacts.training_run import TrainingRun
 from diffattr.devices import resolve_device
-from diffattr.diffusion.schedule import build_scheduler
 from diffattr.evaluation.lds import LDSResult, seed_vs_rest
 from diffattr.evaluation.measurement import measure, measurement_draws
 from diffattr.params import Params
@@ -99,7 +98,7 @@ def run(
 
     device = resolve_device(P.device)
     model_cfg = run_.settings["model"]
-    abar = build_scheduler(model_cfg["schedule"], model_cfg["num_train_timesteps"]).alphas_cumprod
+    abar = run_.alphas_cumprod()
     draws = measurement_draws(
         queries.kind,
         queries.key,

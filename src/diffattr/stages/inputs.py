@@ -49,8 +49,8 @@ def load_scores(
         problems = []
         if settings.get("method") != spec.method.name:
             problems.append(f"method {settings.get('method')} ≠ {spec.method.name}")
-        if settings.get("args") != _as_dict(spec.args):
-            problems.append(f"arguments {settings.get('args')} ≠ {_as_dict(spec.args)}")
+        if settings.get("args") != dataclasses.asdict(spec.args):
+            problems.append(f"arguments {settings.get('args')} ≠ {dataclasses.asdict(spec.args)}")
         if settings.get("run_id") != inputs.gradients.run_id:
             problems.append("another training run")
         if "queries_hash" in settings and settings["queries_hash"] != queries_hash:
@@ -64,7 +64,3 @@ def load_scores(
             )
         out[spec.name] = scores
     return out
-
-
-def _as_dict(args: object) -> dict:
-    return dataclasses.asdict(args)

@@ -20,7 +20,6 @@ import pandas as pd
 from diffattr import methods
 from diffattr.artifacts.ground_truth import GroundTruth
 from diffattr.devices import resolve_device
-from diffattr.diffusion.schedule import build_scheduler
 from diffattr.evaluation import metrics
 from diffattr.evaluation.lds import (
     LDSResult,
@@ -195,7 +194,7 @@ def removal_experiment(
     store, _, _ = retrain_models(P, inputs.train, jobs, out_dir, family, progress)
     device = resolve_device(P.device)
     model_cfg = inputs.run.settings["model"]
-    abar = build_scheduler(model_cfg["schedule"], model_cfg["num_train_timesteps"]).alphas_cumprod
+    abar = inputs.run.alphas_cumprod()
     m = truth.settings["measurement"]
     rows_q = np.asarray(queries)
     draws = measurement_draws(

@@ -15,6 +15,7 @@ import pandas as pd
 
 from diffattr.artifacts.scores import Scores
 from diffattr.evaluation import metrics
+from diffattr.evaluation.uncertainty import verdict
 from diffattr.methods import MethodInputs
 from diffattr.params import Params
 from diffattr.stages.inputs import load_scores, method_inputs
@@ -111,10 +112,6 @@ def tracing_rows(P: Params, inputs: MethodInputs, n_queries: int) -> list[dict]:
     return rows
 
 
-def _verdict(hits: int, total: int) -> str:
-    return "holds" if hits == total else "fails" if hits == 0 else "mixed"
-
-
 def findings(sweep: pd.DataFrame, tracing: pd.DataFrame, outliers: pd.DataFrame | None):
     """[ReTrac]'s claims against this run, verdicts over the whole sweep of k and τ."""
     rows = []
@@ -132,13 +129,13 @@ def findings(sweep: pd.DataFrame, tracing: pd.DataFrame, outliers: pd.DataFrame 
                 "paper": "> 60% better specificity",
                 "ours": f"higher at {better_u} of {len(per_k_t)} k; "
                 + ", ".join(f"k={k}: {per_k_t[k]:.3f}→{per_k_r[k]:.3f}" for k in per_k_t.index),
-                "verdict": _verdict(better_u, len(per_k_t)),
+                "verdict": verdict(better_u, len(per_k_t)),
             },
             {
                 "claim": "ReTrac has fewer generally influential samples than TracIn",
                 "paper": "about 1/3 as many",
                 "ours": f"fewer at {fewer_gi} of {len(t)} (k, τ) points",
-                "verdict": _verdict(fewer_gi, len(t)),
+                "verdict": verdict(fewer_gi, len(t)),
             },
         ]
     if outliers is not None and {"tracin", "retrac"} <= set(outliers.method):
@@ -153,7 +150,7 @@ def findings(sweep: pd.DataFrame, tracing: pd.DataFrame, outliers: pd.DataFrame 
                 "ours": ", ".join(
                     f"k={k}: {row.tracin:.0%}→{row.retrac:.0%}" for k, row in sub.iterrows()
                 ),
-                "verdict": _verdict(less, len(sub)),
+                "verdict": verdict(less, len(sub)),
             }
         )
     for row in tracing.itertuples():

@@ -17,7 +17,7 @@ import pandas as pd
 from diffattr.artifacts.scores import Scores
 from diffattr.evaluation import metrics
 from diffattr.evaluation.timestep_bias import ReplayNorms, band_interval, replay_norms
-from diffattr.evaluation.uncertainty import bootstrap_ci, compare_to
+from diffattr.evaluation.uncertainty import bootstrap_ci, compare_to, verdict
 from diffattr.methods import MethodInputs
 from diffattr.params import Params
 from diffattr.stages.inputs import method_inputs, score_all
@@ -90,12 +90,9 @@ def findings(table: pd.DataFrame, base_rate: float) -> pd.DataFrame:
             for r in sub.itertuples()
         )
 
-    def verdict(method: str, wanted: str) -> str:
+    def verdict_of(method: str, wanted: str) -> str:
         found = verdicts(method)
-        if not found:
-            return "not run"
-        hits = sum(v == wanted for v in found)
-        return "holds" if hits == len(found) else "fails" if hits == 0 else "mixed"
+        return verdict(sum(v == wanted for v in found), len(found)) if found else "not run"
 
     rows = []
     methods = set(table.method)
@@ -105,7 +102,7 @@ def findings(table: pd.DataFrame, base_rate: float) -> pd.DataFrame:
                 "claim": "TracIn's top proponents over-represent large-norm draws",
                 "paper": "yes (dominating norm effect, [ReTrac] §4)",
                 "ours": f"base rate {base_rate:.1%}; {shares('tracin')}",
-                "verdict": verdict("tracin", "above"),
+                "verdict": verdict_of("tracin", "above"),
             }
         )
     if "retrac" in methods:
@@ -116,7 +113,7 @@ def findings(table: pd.DataFrame, base_rate: float) -> pd.DataFrame:
                 "claim": "ReTrac removes the timestep bias",
                 "paper": "yes (renormalisation, [ReTrac] §4)",
                 "ours": f"{shares('retrac')}" + (" — reversed: below the base rate" * reversed_),
-                "verdict": verdict("retrac", "within"),
+                "verdict": verdict_of("retrac", "within"),
             }
         )
     if "calibrated" in methods:
@@ -125,10 +122,10 @@ def findings(table: pd.DataFrame, base_rate: float) -> pd.DataFrame:
                 "claim": "Timestep-calibrated TracIn removes the bias without reversing it",
                 "paper": "(ours, not in the paper)",
                 "ours": shares("calibrated"),
-                "verdict": verdict("calibrated", "within"),
+                "verdict": verdict_of("calibrated", "within"),
             }
         )
-    unbiased = [m for m in dict.fromkeys(table.method) if verdict(m, "within") == "holds"]
+    unbiased = [m for m in dict.fromkeys(table.method) if verdict_of(m, "within") == "holds"]
     rows.append(
         {
             "claim": "Methods whose top-k band share matches the base rate for every query kind",
@@ -151,8 +148,7 @@ def run(
     A = P.attribution
     specs = P.method_specs()
     inputs = method_inputs(P, train_dir, gradient_dir)
-    if A.top_k > len(inputs.train):
-        raise ValueError(f"attribution.top_k = {A.top_k} exceeds n_train = {len(inputs.train)}")
+    P.check_dataset_size(len(inputs.train))
     norms = replay_norms(inputs.gradients, inputs.log, A.band_quantile)
     last = max(norms.bands)
     spans = band_interval(
