@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: env repro test lint notebooks-clean outliers
+.PHONY: env repro test lint notebooks-clean outliers memorisation
 
 env: $(STAMP)
 
@@ -87,3 +87,13 @@ outliers: env
 	$(BIN)/python -m diffattr.stage retrac $(OUTLIERS) -p train_dir data/outliers/train \
 	  -p gradient_dir data/outliers/gradients -p scores_dir data/outliers/scores \
 	  -p report_dir reports/digits_outliers/04_retrac
+
+# The memorisation control (image tracing with a ground truth) on CPU: stage 1 under
+# `profile: digits_memorise`, then the study (every method under every protocol, its own stage 2
+# extractions); outputs in data/memorise/ (git-ignored) and reports/digits_memorise/ (committed).
+MEMORISE := -p params_file params.yaml -p overrides "{profile: digits_memorise}"
+memorisation: env
+	$(BIN)/python -m diffattr.stage train $(MEMORISE) -p out_dir data/memorise/train \
+	  -p report_dir reports/digits_memorise/01_train
+	$(BIN)/python -m diffattr.stage memorisation $(MEMORISE) -p train_dir data/memorise/train \
+	  -p out_dir data/memorise/gradients -p report_dir reports/digits_memorise/07_memorisation

@@ -50,6 +50,9 @@ STAGES: dict[str, StageInfo] = {
             ("train_dir", "gradient_dir", "retrain_dir"),
             ("removal_dir", "report_dir"),
         ),
+        # The memorisation control (profile digits_memorise; `make memorisation`, not dvc.yaml):
+        # its own stage 2 extractions under out_dir, on a stage 1 run of the same profile.
+        StageInfo("memorisation", "07_memorisation", ("train_dir",), ("out_dir", "report_dir")),
     )
 }
 
