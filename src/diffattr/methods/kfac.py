@@ -64,7 +64,7 @@ class KFACArgs:
     seed: int = 0
     query_side: str = "measurement"
     train_side: str = "streamed"
-    train_timesteps: int = 64
+    train_timesteps: int = 32
 
     def __post_init__(self) -> None:
         for key, value, choices in (
