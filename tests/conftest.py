@@ -135,3 +135,24 @@ def smoke_pipeline_ema_exact(smoke_pipeline):
     out = gradient_dir.parent / "gradients_ema_exact"
     run_gradient_stage(P, train_dir, out, torch.device("cpu"), False)
     return P, train_dir, out
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline_warmup(tmp_path_factory):
+    """The smoke run with a 3-step warm-up and cosine decay (learning rates lr·[1/3, 2/3, 1, 1,
+    3/4, 1/4] over its 6 steps), checkpoints at the uneven steps 2 and 6, gradients over the
+    "interval" replay window."""
+    from diffattr import params as params_lib
+    from diffattr.stages import train as train_stage
+    from diffattr.stages.gradients import run_gradient_stage
+
+    root = tmp_path_factory.mktemp("pipeline_warmup")
+    overrides = {
+        **SMOKE_PIPELINE,
+        "train": {**SMOKE_PIPELINE["train"], "warmup_steps": 3, "lr_decay": "cosine"},
+        "gradients": {**SMOKE_PIPELINE["gradients"], "replay_window": "interval"},
+    }
+    P = params_lib.resolve(overrides)
+    train_stage.run(P, root / "train", root / "reports", progress=False)
+    run_gradient_stage(P, root / "train", root / "gradients", torch.device("cpu"), False)
+    return P, root / "train", root / "gradients"
