@@ -255,6 +255,23 @@ def test_layers_that_do_not_run_and_changing_batches_are_refused():
         fit_kfac(MLP(), lambda: [(x, None, None)], "type2")
 
 
+def test_in_place_change_of_a_recorded_input_or_output_is_refused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x, t):
+            h = self.first(x)
+            out = self.second(h)
+            h.mul_(2.0)  # the second layer's recorded input changes after it ran
+            return out
+
+    x = torch.randn(3, 2)
+    with pytest.raises(RuntimeError, match="second.*modified in place"):
+        fit_kfac(InPlace().eval(), lambda: [(x, None, None)], "type2")
+
+
 # ---- fitting draws ---------------------------------------------------------------------------
 
 

@@ -267,7 +267,8 @@ def _layer_passes(
             def record(module, args, output):
                 if name in recorded:
                     raise ValueError(f"layer {name} ran twice in one forward; K-FAC needs one call")
-                recorded[name] = (args[0].detach(), output)
+                a = args[0].detach()
+                recorded[name] = (a, output, a._version, output._version)
 
             return record
 
@@ -284,6 +285,14 @@ def _layer_passes(
             raise ValueError(
                 f"layers {skipped[:5]} did not run in the forward pass: K-FAC would leave them "
                 "out of the curvature"
+            )
+        stale = [
+            n for n, (a, y, va, vy) in recorded.items() if a._version != va or y._version != vy
+        ]
+        if stale:
+            raise RuntimeError(
+                f"layers {stale[:5]} had their input or output modified in place after they ran, "
+                "so the recorded activations are stale; make those operations out of place"
             )
         names = list(layers)
         inputs = {n: layer_inputs(layers[n], recorded[n][0]) for n in names}
