@@ -1,26 +1,33 @@
 """The TracIn family over the training trajectory, from stage 2's stores: one template, with
 the per-gradient weighting as the only thing a variant changes.
 
-    score(q, j) = Σ_k η_k ⟨G_k(q), T_k(j)⟩,   G_k(q) = (1/M) Σ_t w(ḡ_k(q, t)) ḡ_k(q, t),
-                                               T_k(j) = Σ_{(t,ε) ∈ R_k(j)} w(g) g
+    score(q, j) = Σ_k ⟨G_k(q), T_k(j)⟩,   G_k(q) = (1/M) Σ_t w(ḡ_k(q, t)) ḡ_k(q, t),
+                                           T_k(j) = Σ_{e=(s,t,ε) ∈ R_k(j)} η_e w(g_e) g_e
 
 with w = 1 (Diffusion-TracIn), w = 1/‖g‖ (Diffusion-ReTrac: exact norms recorded before
 projection) or w = 1/E‖g(t)‖ (timestep-calibrated TracIn: the checkpoint's mean norm at that
 timestep, from stage 2's norm profile). Grad-cosine replaces the inner product by
-cos(G_k(q), T_k(j)) (0 for a checkpoint whose window holds no draw of the sample). η_k is the
-learning rate of the update that produced θ_k. Inner products are taken between projected
-features (a seeded JL projection preserves them approximately; `projection: none` is exact).
+H_k cos(G_k(q), T_k(j)) (0 for a checkpoint whose window holds no draw of the sample).
+η_e is the learning rate in force at event e's step s under the "interval" window (each event
+is one update) and H_k under "epoch" (one draw stands for the window), H_k the learning rate
+summed over checkpoint k's window per sample, (B/N) Σ_{s in window} lr(s):
+`artifacts.learning_rates`. The paper's Σ_k η_k (one rate per checkpoint) is the
+special case of a constant rate over each window and evenly spaced checkpoints. Inner products
+are taken between projected features (a seeded JL projection preserves them approximately;
+`projection: none` is exact).
 
 Training side: "replay" (the exact draws training made in each checkpoint's window, the paper's
 method; under the "interval" window a sample drawn several times sums several gradients) or
-"grid" (the training images at a uniform timestep grid, averaged over it; stage 2 extracts it at
-the last checkpoint unless `gradients.train_grid_at: all`). Checkpoints: "all" or "last".
+"grid" (the training images at a uniform timestep grid, averaged over it and weighted by H_k;
+stage 2 extracts it at the last checkpoint unless `gradients.train_grid_at: all`).
+Checkpoints: "all" or "last".
 
 Aggregate: "sum" (the papers) or "unit": G_k(q) and T_k(j) are each scaled to unit length after
-the weighting and the sum over draws, so the score is Σ_k η_k cos(G_k(q), T_k(j)). Normalising
-each gradient (ReTrac) does not bound the *summed* vector: under the "interval" window a sample
-whose many draws point alike sums to a long T_k(j) and is a top proponent of every query; "unit"
-removes that. Grad-cosine is TracIn with aggregate "unit".
+the weighting and the sum over draws, so the score is Σ_k H_k cos(G_k(q), T_k(j)) (the η_e
+weights still shape the direction of T_k(j)). Normalising each gradient (ReTrac) does not bound
+the *summed* vector: under the "interval" window a sample whose many draws point alike sums to a
+long T_k(j) and is a top proponent of every query; "unit" removes that. Grad-cosine is TracIn
+with aggregate "unit".
 
 Every method of the family is made by `trajectory_method` from its weighting: scores over the
 stage 2 queries (`compute`), image tracing (`trace`) and scores of query gradients the caller
@@ -46,6 +53,7 @@ from diffattr.artifacts.gradient_index import (
     features_array,
     norm_array,
 )
+from diffattr.artifacts.learning_rates import EventWeights
 from diffattr.artifacts.scores import Scores
 from diffattr.gradients.items import grid_cell
 from diffattr.methods.base import Method, MethodInputs
@@ -174,6 +182,11 @@ def _checkpoint(inputs: MethodInputs, entry: StoreEntry) -> Checkpoint:
     )
 
 
+def event_weights(inputs: MethodInputs) -> EventWeights:
+    """η per replayed event and per window of the stores' checkpoints (made once per inputs)."""
+    return inputs.cached("event_weights", lambda: EventWeights.of(inputs.run, inputs.gradients))
+
+
 def query_side(
     inputs: MethodInputs,
     ckpt: Checkpoint,
@@ -210,7 +223,9 @@ def train_side(
         norms = np.asarray(ckpt.arrays[norm_array(TRAIN_GRID)], np.float64)
         t = np.broadcast_to(inputs.gradients.timesteps("train"), norms.shape)
         w = weighting(Gradients(feats, norms, t), ckpt, "training-grid gradients")
-        return (feats * w[..., None]).mean(axis=1)
+        return (feats * w[..., None]).mean(axis=1) * event_weights(inputs).window_mass(
+            ckpt.entry.step
+        )
     events = np.asarray(ckpt.arrays[REPLAY_EVENTS])
     log = inputs.log
     if len(events) and int(events.max()) >= len(log.step):
@@ -219,6 +234,7 @@ def train_side(
     norms = np.asarray(ckpt.arrays[norm_array(REPLAY)][:, 0], np.float64)
     t = log.t[events].astype(np.int64)
     w = weighting(Gradients(feats, norms, t), ckpt, "replayed gradients")
+    w = w * event_weights(inputs).events(ckpt.entry.step, log.step[events])
     columns = inputs.gradients.columns(log.sample_id[events])
     total = np.zeros((len(inputs.gradients.train_ids), feats.shape[1]))
     np.add.at(total, columns, feats * w[:, None])
@@ -239,7 +255,7 @@ def trajectory_scores(
     aggregate: str = "sum",
     queries: QueryGradients | None = None,
 ) -> Scores:
-    """Σ_k η_k ⟨G_k(q), T_k(j)⟩ (aggregate "unit": the cosine) over trajectory checkpoints:
+    """Σ_k ⟨G_k(q), T_k(j)⟩ (aggregate "unit": Σ_k H_k cos) over trajectory checkpoints:
     Scores [Q, N] of stage 2's queries, or of the supplied `queries`."""
     check_options(side, checkpoints, aggregate)
     values, provenance, settings = None, [], {}
@@ -249,12 +265,10 @@ def trajectory_scores(
         q = query_side(inputs, ckpt, weighting, queries)
         t = train_side(inputs, ckpt, weighting, side)
         if aggregate == "unit":
-            q, t = cosine_rows(q), cosine_rows(t)
-        term = float(entry.lr) * (q @ t.T)
+            q, t = cosine_rows(q), event_weights(inputs).window_mass(entry.step) * cosine_rows(t)
+        term = q @ t.T
         values = term if values is None else values + term
-        provenance.append(
-            {"step": entry.step, "lr": entry.lr, "weights_hash": settings["weights_hash"]}
-        )
+        provenance.append(_checkpoint_provenance(inputs, entry, settings))
     about = {
         "checkpoints": provenance,
         "replay_window": inputs.gradients.replay_window,
@@ -293,17 +307,14 @@ def training_image_scores(
     tr = train_side(inputs, ckpt, weighting, "replay")
     if aggregate == "unit":
         q, tr = cosine_rows(q), cosine_rows(tr)
-    entry = ckpt.entry
     return Scores(
-        values=float(entry.lr) * (q @ tr.T),
+        values=q @ tr.T,
         train_ids=train_ids,
         query_kind=np.full(len(rows), "train"),
         query_key=train_ids[rows],
         settings={
             "evaluation": "image tracing (training images as queries)",
-            "checkpoints": [
-                {"step": entry.step, "lr": entry.lr, "weights_hash": ckpt.settings["weights_hash"]}
-            ],
+            "checkpoints": [_checkpoint_provenance(inputs, ckpt.entry, ckpt.settings)],
             "replay_window": inputs.gradients.replay_window,
             "query_timesteps": inputs.gradients.timesteps("train").tolist(),
             "projection": ckpt.settings["projection"],
@@ -311,6 +322,16 @@ def training_image_scores(
             "self_columns": rows.tolist(),
         },
     )
+
+
+def _checkpoint_provenance(inputs: MethodInputs, entry: StoreEntry, settings: dict) -> dict:
+    """What a score records of one checkpoint: its step, weights and η weighting."""
+    return {
+        "step": entry.step,
+        "lr": entry.lr,
+        "weights_hash": settings["weights_hash"],
+        **event_weights(inputs).describe(entry.step),
+    }
 
 
 def trajectory_method(
