@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: env repro test test-dvc lint notebooks-clean outliers memorisation
+.PHONY: env repro test test-dvc lint notebooks-clean outliers memorisation memorise
 
 env: $(STAMP)
 
@@ -94,7 +94,10 @@ outliers: env
 
 # The memorisation control (image tracing with a ground truth) on CPU: stage 1 under
 # `profile: digits_memorise`, then the study (every method under every protocol, its own stage 2
-# extractions); outputs in data/memorise/ (git-ignored) and reports/digits_memorise/ (committed).
+# extractions); outputs in data/memorise/ (git-ignored, ~3.5 GB) and reports/digits_memorise/
+# (committed). About 30 minutes on a 2-core CPU: training 8 min, the interval window's
+# extraction (every replayed draw) 11 min, the rest 10 min. Not part of `dvc repro`.
+memorise: memorisation
 MEMORISE := -p params_file params.yaml -p overrides "{profile: digits_memorise}"
 memorisation: env
 	$(BIN)/python -m diffattr.stage train $(MEMORISE) -p out_dir data/memorise/train \
