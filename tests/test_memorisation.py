@@ -11,7 +11,9 @@ from conftest import SMOKE_PIPELINE, method_inputs_of
 
 from diffattr import methods
 from diffattr import params as params_lib
+from diffattr.diffusion.draws import train_noise
 from diffattr.evaluation.tracing import source_ranks
+from diffattr.gradients.items import replay_window
 from diffattr.stages import memorisation
 
 
@@ -59,6 +61,56 @@ def test_positive_control_of_the_source_itself_ranks_the_source_first(smoke_pipe
     assert "positive control" in scores.settings["queries"]["queries"]
     columns = inputs.gradients.columns(sources)
     assert source_ranks(scores.values, columns).tolist() == [1, 1, 1, 1]
+
+
+def _autograd_gradient(model, abar, x0, t, eps) -> torch.Tensor:
+    """∇_θ mean((ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t))²) of one image by plain autograd: [D]."""
+    a = abar[t].to(torch.float32)
+    x_t = a.sqrt() * x0[None] + (1 - a).sqrt() * eps[None]
+    pred = model(x_t, torch.tensor([t])).sample
+    loss = (eps[None] - pred).pow(2).mean()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+@pytest.mark.parametrize("name", ["tracin", "retrac"])
+def test_positive_control_scores_equal_autograd_by_brute_force(smoke_pipeline, name):
+    """Other images as queries at the sources' replayed draws: Σ_k Σ_{e∈R_k(j)} H_k w w' ⟨g_q,
+    g_e⟩ with every gradient recomputed by autograd from the replay log (epoch window: each
+    sample's latest draw before θ_k; H_k = (B/N)·Σ_window lr, lr = 1e-3 here, B = 4, N = 12)."""
+    inputs = method_inputs_of(smoke_pipeline)
+    log, run = inputs.log, inputs.run
+    sources = _drawn_before(log, 2, 2)
+    others = np.setdiff1d(inputs.train.ids, sources)[:2]  # the queries: not the sources
+    images = inputs.train.images[torch.from_numpy(inputs.train.positions(others))]
+    method = methods.get(name)
+    control = memorisation.replayed_draw_queries(
+        inputs, images, np.full(2, "train"), others, sources
+    )
+    scores = method.score_gradients(inputs, method.make_args(), control).values
+    seed, shape = int(log.settings["seed"]), tuple(images.shape[1:])
+    abar = run.alphas_cumprod()
+    ids = inputs.gradients.train_ids.tolist()
+    x = {i: inputs.train.images[inputs.train.positions(np.array([i]))[0]] for i in ids}
+
+    def gradient(model, image, event):
+        step, epoch, sample = int(log.step[event]), int(log.epoch[event]), int(log.sample_id[event])
+        eps = train_noise(seed, step, [epoch], [sample], shape)[0]
+        g = _autograd_gradient(model, abar, image, int(log.t[event]), eps)
+        return g / g.norm() if name == "retrac" else g
+
+    expected = np.zeros((2, len(ids)))
+    for checkpoint, previous in ((2, 0), (6, 2)):
+        model, _ = run.load_model(checkpoint)
+        mass = 4 / 12 * 1e-3 * (checkpoint - previous)
+        events = replay_window(log, checkpoint, previous, "epoch")
+        for q, source in enumerate(sources):
+            (own,) = [e for e in events if log.sample_id[e] == source]
+            g_q = gradient(model, images[q], own)
+            for e in events:
+                col = ids.index(int(log.sample_id[e]))
+                expected[q, col] += mass * float(g_q @ gradient(model, x[int(log.sample_id[e])], e))
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
 def test_positive_control_needs_one_draw_per_window_and_the_stores_projection(
