@@ -145,8 +145,8 @@ def test_the_study_scores_every_method_under_every_protocol(smoke_pipeline, tmp_
     table = result.table.set_index(["method", "protocol"])
     for name in trajectory:
         assert [table.loc[(name, p)].n_copies for p in protocols] == [2] * len(protocols)
-    for name in ("pixel_cosine", "random"):
-        assert table.loc[name].index.tolist() == [memorisation.ANY_PROTOCOL]
+    for name in ("pixel_cosine", "random"):  # no trajectory: the default and the projection
+        assert table.loc[name].index.tolist() == [memorisation.ANY_PROTOCOL, "projection none"]
     for ranks in result.ranks.values():
         assert ranks.min() >= 1 and ranks.max() <= 12
     metrics = json.loads((report / "metrics.json").read_text())
@@ -166,6 +166,10 @@ def test_the_memorisation_profile_resolves():
     assert unit.args.aggregate == "unit" and memorisation.method_label(unit) == (
         "ReTrac, unit aggregate"
     )
+    projected = next(s for s in P.method_specs() if s.name == "ekfac_projected")
+    assert memorisation.method_label(projected) == "EK-FAC (query_side grid, train_side stored)"
+    labels = [memorisation.method_label(s) for s in P.method_specs()]
+    assert len(set(labels)) == len(labels)  # the table's rows
     P.check_dataset_size(32)
     for extraction in memorisation.EXTRACTIONS:
         memorisation.variant(P, extraction)

@@ -240,5 +240,6 @@ def test_memorisation_notebook_tabulates_every_method_under_every_protocol(train
     cells = {(row["method"], row["protocol"]) for row in metrics["table"]}
     assert ("retrac", "positive control") in cells and ("grad_cosine", "interval") in cells
     assert ("pixel_cosine", "epoch") in cells and ("pixel_cosine", "interval") not in cells
+    assert ("pixel_cosine", "projection none") in cells
     for name in ("copy_ratios", "copies", "tracing_shares"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000

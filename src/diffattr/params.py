@@ -307,6 +307,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "dtrak",
                 "kfac",
                 "ekfac",
+                # EK-FAC on what TRAK sees (the stored sketch of the EMA grid, the query grid):
+                # tells the curvature from the exact, many-draw gradients.
+                {
+                    "name": "ekfac_projected",
+                    "method": "ekfac",
+                    "args": {"query_side": "grid", "train_side": "stored"},
+                },
                 "pixel_cosine",
                 "random",
             ]

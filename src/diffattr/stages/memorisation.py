@@ -6,7 +6,8 @@ samples are near-copies; a copy's true source is its pixel nearest neighbour
 folder each under out_dir, resumed like stage 2), scores every method of `attribution.methods`
 under every protocol, and reports the share of copies whose source ranks first.
 
-Protocols (columns of the table; the TracIn family varies with them, the other methods do not):
+Protocols (columns of the table; the TracIn family varies with them, the other methods only
+with the projection):
 
 - `epoch` — stage 2's default: the query at the grid timesteps (`gradients.query_timesteps` ×
   `query_draws`); the training side one replayed draw per sample per checkpoint, at a single,
@@ -19,7 +20,9 @@ Protocols (columns of the table; the TracIn family varies with them, the other m
 - `positive control` — the epoch window, with each copy's query gradient taken at its source's
   exact replayed (t, ε) at every checkpoint: if a method cannot trace a copy here, no protocol
   on the query side will help it.
-- `projection none` — the epoch window with exact inner products instead of the sketch.
+- `projection none` — the epoch window with exact inner products instead of the sketch; the one
+  protocol that also applies to the methods at the final EMA weights (TRAK, D-TRAK, grad-dot,
+  EK-FAC on the stored features): their stage 2 store without the projection.
 
 Normalising the aggregated vector (`aggregate: unit`) is a method argument, so it appears as
 methods (`grad_cosine` is TracIn with it; the profile adds ReTrac and calibrated TracIn with it).
@@ -64,30 +67,32 @@ EXTRACTIONS: dict[str, dict] = {
     "epoch": {"replay_window": "epoch", "train_grid_at": "all"},
     "interval": {"replay_window": "interval", "ema": False},
     "query_grid": {"train_grid_at": "all", "train_timesteps": "query", "ema": False},
-    "exact": {"replay_window": "epoch", "projection": "none", "ema": False},
+    "exact": {"replay_window": "epoch", "projection": "none"},
 }
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """One column: which extraction, which training side, and whether the queries are taken at
-    the source's replayed draws (the positive control)."""
+    """One column: which extraction, which training side, whether the queries are taken at
+    the source's replayed draws (the positive control), and whether methods without a training
+    trajectory are scored under it too (every_method)."""
 
     name: str
     extraction: str
     train_side: str = "replay"
     replayed_queries: bool = False
+    every_method: bool = False
 
 
 PROTOCOLS = (
-    Protocol("epoch", "epoch"),
+    Protocol("epoch", "epoch", every_method=True),
     Protocol("interval", "interval"),
     Protocol("grid", "epoch", train_side="grid"),
     Protocol("grid = query grid", "query_grid", train_side="grid"),
     Protocol("positive control", "epoch", replayed_queries=True),
-    Protocol("projection none", "exact"),
+    Protocol("projection none", "exact", every_method=True),
 )
-# The column of methods that use no training trajectory (one value, whatever the protocol).
+# The default column (stage 2's defaults), where every method has a value.
 ANY_PROTOCOL = "epoch"
 
 
@@ -203,13 +208,20 @@ def _one_draw_each(events: np.ndarray, sample_id: np.ndarray, sources: np.ndarra
 
 
 def method_label(spec: MethodSpec) -> str:
-    """How tables name a method: its label, plus the aggregate when it is not the method's own."""
+    """How tables name a method: its label, plus the aggregate when it is not the method's own
+    (the TracIn family; the protocol columns vary the rest), or else every argument that differs
+    from the method's defaults (damping aside: the sweep covers it)."""
     label = spec.method.label
+    own = spec.method.make_args()
     if isinstance(spec.args, TrajectoryArgs):
-        own = spec.method.make_args().aggregate
-        if spec.args.aggregate != own:
+        if spec.args.aggregate != own.aggregate:
             label += ", unit aggregate" if spec.args.aggregate == "unit" else ", summed"
-    return label
+        return label
+    if not dataclasses.is_dataclass(spec.args):
+        return label
+    given, defaults = dataclasses.asdict(spec.args), dataclasses.asdict(own)
+    changed = [f"{k} {v}" for k, v in given.items() if k != "damping" and v != defaults[k]]
+    return f"{label} ({', '.join(changed)})" if changed else label
 
 
 def run(
@@ -254,7 +266,7 @@ def run(
     for spec in P.method_specs():
         began = time.perf_counter()
         trajectory = spec.method.score_gradients is not None
-        for protocol in PROTOCOLS if trajectory else [Protocol(ANY_PROTOCOL, "epoch")]:
+        for protocol in PROTOCOLS if trajectory else [p for p in PROTOCOLS if p.every_method]:
             if protocol.replayed_queries and control is None:
                 continue
             scores = _score(spec, protocol, inputs, control)
