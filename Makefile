@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: env repro test lint notebooks-clean outliers
+.PHONY: env repro test lint notebooks-clean outliers check-reports
 
 env: $(STAMP)
 
@@ -68,6 +68,13 @@ test: env
 lint: env
 	$(BIN)/ruff check src tests benchmarks notebooks
 	$(BIN)/ruff format --check src tests benchmarks notebooks
+
+# Are the committed reports of the default run current? dvc status against dvc.lock, then nbval
+# re-executes every reports/0N_*/0N_*.ipynb against data/ (writing under scratch/check-reports/,
+# never to DVC's outputs) and compares every output but timings, paths and addresses
+# (reports/nbval-sanitize.cfg). Needs data/ from `dvc repro`; about 15 minutes on two CPU cores.
+check-reports: env
+	$(BIN)/python -m diffattr.stages.check_reports
 
 # Strip outputs from the source notebooks (the executed ones live in reports/).
 notebooks-clean: env
