@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from diffattr.artifacts.gradient_index import GradientIndex
+from diffattr.artifacts.learning_rates import EventWeights
+from diffattr.artifacts.training_run import TrainingRun
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.evaluation.timestep_bias import band_interval, large_norm_band, replay_norms
 from diffattr.gradients.items import grid_cell
@@ -30,12 +32,23 @@ def test_timesteps_map_to_their_grid_cells_and_cells_to_intervals():
     assert band_interval(grid, band, 1000) == [[0, 150], [350, 400], [950, 1000]]
 
 
-@pytest.mark.parametrize("fixture", ["smoke_pipeline", "smoke_pipeline_interval"])
-def test_replay_norms_match_a_per_event_loop(request, fixture):
+@pytest.mark.parametrize(
+    ("fixture", "lrs"),
+    [
+        ("smoke_pipeline", [1e-3] * 6),
+        ("smoke_pipeline_interval", [1e-3] * 6),
+        ("smoke_pipeline_warmup", [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 0.75e-3, 0.25e-3]),
+    ],
+)
+def test_replay_norms_match_a_per_event_loop(request, fixture, lrs):
+    """norm_mass weights each draw by η at its step ("interval") or its window's H_k ("epoch")."""
     _, train_dir, gradient_dir = request.getfixturevalue(fixture)
     log = ReplayLog.load(train_dir / "replay_log.npz")
-    result = replay_norms(GradientIndex.open(gradient_dir), log, 0.5)
+    index = GradientIndex.open(gradient_dir)
+    weights = EventWeights.of(TrainingRun.open(train_dir), index)
+    result = replay_norms(index, log, weights, 0.5)
     index = json.loads((gradient_dir / "index.json").read_text())
+    starts = dict(zip([2, 6], [0, 2], strict=True))
     grid = index["timesteps"]["profile"]
     ids = index["train_ids"]
     mass, hits, seen = {j: 0.0 for j in ids}, {j: 0 for j in ids}, {j: 0 for j in ids}
@@ -47,7 +60,10 @@ def test_replay_norms_match_a_per_event_loop(request, fixture):
         for row, event in enumerate(a["replay_events"]):
             j, t = int(log.sample_id[event]), int(log.t[event])
             norm = float(a["replay_norm"][row, 0])
-            mass[j] += store["lr"] * norm
+            first, stop = starts[store["step"]], store["step"]
+            window_mass = sum(lrs[first:stop]) * 4 / 12
+            eta = lrs[log.step[event]] if index["replay_window"] == "interval" else window_mass
+            mass[j] += eta * norm
             hits[j] += bool(band[min(t * len(grid) // 1000, len(grid) - 1)])
             seen[j] += 1
             if j not in last or log.step[event] >= last[j][2]:

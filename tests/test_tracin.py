@@ -23,16 +23,31 @@ def _scores(pipeline, method, side="replay", checkpoints="all"):
     return spec(method_inputs_of(pipeline), args)
 
 
-def _brute_force(gradient_dir, log, method, side, last_only=False):
-    """Σ_k η_k ⟨G_k(q), T_k(j)⟩ by explicit loops over full (unprojected) gradients."""
+# The learning rate of each of the smoke runs' 6 updates, written out by hand (lr = 1e-3):
+# warm-up 1 and constant; warm-up 3, then cosine decay over steps 3-5.
+LEARNING_RATES = {
+    "smoke_pipeline": [1e-3] * 6,
+    "smoke_pipeline_interval": [1e-3] * 6,
+    "smoke_pipeline_warmup": [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 0.75e-3, 0.25e-3],
+}
+
+
+def _brute_force(gradient_dir, log, method, side, lrs, last_only=False):
+    """Σ_k ⟨G_k(q), T_k(j)⟩ (grad-cosine: Σ_k H_k cos) by explicit loops over full
+    (unprojected) gradients, with η per event: lrs[step] under the "interval" window, the
+    window's H_k = (B/N)·Σ_{window} lrs under "epoch" and on the grid side."""
     index = json.loads((gradient_dir / "index.json").read_text())
     ids = index["train_ids"]
+    batch, n_train = 4, len(ids)
     stores = [s for s in index["stores"] if s["weights"] == "raw"]
+    starts = {s["step"]: ([0] + [p["step"] for p in stores])[i] for i, s in enumerate(stores)}
     stores = stores[-1:] if last_only else stores
     n_query = len(index["queries"]["kind"])
     out = np.zeros((n_query, len(ids)))
     for store in stores:
         _, a = load_store(gradient_dir / store["path"])
+        first, stop = starts[store["step"]], store["step"]
+        mass = batch / n_train * sum(lrs[first:stop])
         for q in range(n_query):
             per_t = [
                 a["query_features"][q, m].astype(np.float64)
@@ -49,18 +64,25 @@ def _brute_force(gradient_dir, log, method, side, last_only=False):
                     vecs = [a["replay_features"][r, 0].astype(np.float64) for r in rows]
                     if method == "retrac":
                         vecs = [v / np.linalg.norm(v) for v in vecs]
-                    t_j = sum(vecs) if vecs else np.zeros_like(g_q)
+                    etas = [
+                        lrs[log.step[a["replay_events"][r]]]
+                        if index["replay_window"] == "interval"
+                        else mass
+                        for r in rows
+                    ]
+                    weighted = [e * v for e, v in zip(etas, vecs, strict=True)]
+                    t_j = sum(weighted) if vecs else np.zeros_like(g_q)
                 else:
                     vecs = [a["train_grid_features"][col, m].astype(np.float64) for m in range(2)]
                     if method == "retrac":
                         vecs = [v / np.linalg.norm(v) for v in vecs]
-                    t_j = sum(vecs) / len(vecs)
+                    t_j = mass * sum(vecs) / len(vecs)
                 if method == "cosine":  # a sample without a draw in the window adds 0
                     denominator = np.linalg.norm(g_q) * np.linalg.norm(t_j)
-                    value = g_q @ t_j / denominator if denominator else 0.0
+                    value = mass * g_q @ t_j / denominator if denominator else 0.0
                 else:
                     value = g_q @ t_j
-                out[q, col] += store["lr"] * value
+                out[q, col] += value
     return out
 
 
@@ -74,14 +96,15 @@ def _brute_force(gradient_dir, log, method, side, last_only=False):
         ("retrac", "grid", False),
     ],
 )
-@pytest.mark.parametrize("window", ["epoch", "interval"])
-def test_scores_equal_the_formula_by_brute_force(request, window, method, side, last_only):
-    fixture = "smoke_pipeline" if window == "epoch" else "smoke_pipeline_interval"
+@pytest.mark.parametrize("fixture", list(LEARNING_RATES))
+def test_scores_equal_the_formula_by_brute_force(request, fixture, method, side, last_only):
+    """Epoch and interval windows, uneven checkpoints (steps 2 and 6), warm-up and decay."""
     pipeline = request.getfixturevalue(fixture)
     _, train_dir, gradient_dir = pipeline
     log = ReplayLog.load(train_dir / "replay_log.npz")
     scores = _scores(pipeline, method, side, "last" if last_only else "all")
-    expected = _brute_force(gradient_dir, log, method, side, last_only)
+    lrs = LEARNING_RATES[fixture]
+    expected = _brute_force(gradient_dir, log, method, side, lrs, last_only)
     # ReTrac divides by the float32 norms recorded at extraction (exact up to float32 rounding,
     # ~1e-5 relative), the reference by float64 norms of the stored vectors.
     rtol = 1e-4 if method == "retrac" else 1e-9
@@ -143,6 +166,7 @@ def test_image_tracing_scores_equal_the_formula_at_the_last_checkpoint(smoke_pip
     _, a = load_store(gradient_dir / "raw_step_0000006")
     index = json.loads((gradient_dir / "index.json").read_text())
     lr = next(s["lr"] for s in index["stores"] if s["path"] == "raw_step_0000006")
+    lr *= 4 * (6 - 2) / 12  # "epoch" window, constant rate: H_k = lr·B·L_k/N
     ids = scores.train_ids.tolist()
     rows = scores.settings["self_columns"]
     assert scores.query_key.tolist() == [ids[r] for r in rows] and len(rows) == 5

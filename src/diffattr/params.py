@@ -67,7 +67,7 @@ class TrainParams:
     lr: float = 1e-3
     warmup_steps: int = 100
     lr_decay: str = "constant"  # constant (as DDPM) | cosine (to ~0 by the last step, so late
-    #                             checkpoints get little weight in TracIn's Σ_k η_k)
+    #                             checkpoints get little weight in TracIn: artifacts.learning_rates)
     weight_decay: float = 0.0
     ema_decay: float = 0.995
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -174,6 +174,13 @@ class LDSParams:
             "dtrak",
             "kfac",
             "ekfac",
+            # EK-FAC as [KFAC-IF]'s code scores at scale: the stored projected training
+            # features and the query grid — shows what the random projection costs.
+            {
+                "name": "ekfac_projected",
+                "method": "ekfac",
+                "args": {"query_side": "grid", "train_side": "stored"},
+            },
         ]
     )
     # Values of each swept method's damping λ (absolute; the best lies where λ is comparable to

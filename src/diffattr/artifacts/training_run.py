@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from diffattr.diffusion.model import build_unet
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.diffusion.sampling import load_queries
 from diffattr.diffusion.schedule import build_scheduler
+from diffattr.diffusion.training import lr_at
 from diffattr.storage.checkpoints import checkpoint_name, load_checkpoint, settings_hash
 
 RUN_FILE = "run.json"
@@ -80,6 +82,11 @@ class TrainingRun:
     def lr(self, step: int) -> float:
         """η_k: the learning rate of the update that produced checkpoint `step`."""
         return float(next(c["lr"] for c in self.summary["checkpoints"] if c["step"] == step))
+
+    def learning_rates(self) -> np.ndarray:
+        """η [steps]: the learning rate of every update (0-based step), as training set it."""
+        cfg = SimpleNamespace(**self.settings["train"])
+        return np.array([lr_at(step, cfg) for step in range(int(cfg.steps))], np.float64)
 
     def load_model(self, step: int | None = None, ema: bool = False):
         """A trained `UNet2DModel` in eval mode from checkpoint `step` (default: the last), raw or

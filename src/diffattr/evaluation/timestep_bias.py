@@ -20,6 +20,7 @@ from diffattr.artifacts.gradient_index import (
     GradientIndex,
     norm_array,
 )
+from diffattr.artifacts.learning_rates import EventWeights
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.gradients.items import grid_cell, timestep_grid
 
@@ -55,7 +56,8 @@ def band_interval(grid: np.ndarray, band: np.ndarray, num_train_timesteps: int) 
 class ReplayNorms:
     """Per training sample, over the trajectory checkpoints used (each with its own band).
 
-    norm_mass: [N] Σ_k η_k Σ_{e ∈ R_k(j)} ‖g_e‖ — the weight TracIn's sum gives sample j's norms
+    norm_mass: [N] Σ_k Σ_{e ∈ R_k(j)} η_e ‖g_e‖ — the weight TracIn's sum gives sample j's norms
+      (η_e: `artifacts.learning_rates`)
       (under the "interval" window it also grows with how often j was drawn; see draws).
     draws: [N] replayed draws of j over the checkpoints' windows; mean_norm: [N] their mean ‖g‖.
     band_share: [N] share of j's replayed draws whose t was in its checkpoint's large-norm band
@@ -83,11 +85,16 @@ class ReplayNorms:
 
 
 def replay_norms(
-    index: GradientIndex, log: ReplayLog, quantile: float = 0.75, checkpoints: str = "all"
+    index: GradientIndex,
+    log: ReplayLog,
+    weights: EventWeights,
+    quantile: float = 0.75,
+    checkpoints: str = "all",
 ) -> ReplayNorms:
     """Exact replayed-gradient norms and band membership per training sample (see ReplayNorms).
 
-    log: the replay log of the run the index was extracted from (`TrainingRun.replay_log`)."""
+    log: the replay log of the run the index was extracted from (`TrainingRun.replay_log`);
+    weights: η per replayed event (`EventWeights.of(run, index)`)."""
     if log.settings.get("run_id") != index.run_id:
         raise ValueError(
             f"the replay log belongs to run {log.settings.get('run_id')}, the gradients to "
@@ -115,7 +122,7 @@ def replay_norms(
         columns = index.columns(log.sample_id[events])
         norms = np.asarray(arrays[norm_array(REPLAY)][:, 0], np.float64)
         t = log.t[events].astype(np.int64)
-        np.add.at(norm_mass, columns, float(store.lr) * norms)
+        np.add.at(norm_mass, columns, weights.events(store.step, log.step[events]) * norms)
         np.add.at(total_norm, columns, norms)
         np.add.at(in_band, columns, band[grid_cell(t, len(grid), num_train_timesteps)])
         np.add.at(events_seen, columns, 1)

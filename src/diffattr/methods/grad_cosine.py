@@ -1,5 +1,7 @@
-"""Grad-cosine: Σ_k η_k cos(G_k(q), T_k(j)) with plain gradients (a baseline of [ReTrac] and of
-D-TRAK's comparisons); 0 for a checkpoint whose window holds no draw of the sample."""
+"""Grad-cosine: Σ_k H_k cos(G_k(q), T_k(j)) with plain gradients (a baseline of [ReTrac] and of
+D-TRAK's comparisons); 0 for a checkpoint whose window holds no draw of the sample. H_k: the
+learning rate summed over checkpoint k's window per sample (the paper: η_k), T_k(j) weighted per
+event by η_e (`artifacts.learning_rates`)."""
 
 from __future__ import annotations
 

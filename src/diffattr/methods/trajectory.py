@@ -1,20 +1,26 @@
 """The TracIn family over the training trajectory, from stage 2's stores: one template, with
 the per-gradient weighting as the only thing a variant changes.
 
-    score(q, j) = Σ_k η_k ⟨G_k(q), T_k(j)⟩,   G_k(q) = (1/M) Σ_t w(ḡ_k(q, t)) ḡ_k(q, t),
-                                               T_k(j) = Σ_{(t,ε) ∈ R_k(j)} w(g) g
+    score(q, j) = Σ_k ⟨G_k(q), T_k(j)⟩,   G_k(q) = (1/M) Σ_t w(ḡ_k(q, t)) ḡ_k(q, t),
+                                           T_k(j) = Σ_{e=(s,t,ε) ∈ R_k(j)} η_e w(g_e) g_e
 
 with w = 1 (Diffusion-TracIn), w = 1/‖g‖ (Diffusion-ReTrac: exact norms recorded before
 projection) or w = 1/E‖g(t)‖ (timestep-calibrated TracIn: the checkpoint's mean norm at that
 timestep, from stage 2's norm profile). Grad-cosine replaces the inner product by
-cos(G_k(q), T_k(j)) (0 for a checkpoint whose window holds no draw of the sample). η_k is the
-learning rate of the update that produced θ_k. Inner products are taken between projected
-features (a seeded JL projection preserves them approximately; `projection: none` is exact).
+H_k cos(G_k(q), T_k(j)) (0 for a checkpoint whose window holds no draw of the sample).
+η_e is the learning rate in force at event e's step s under the "interval" window (each event
+is one update) and H_k under "epoch" (one draw stands for the window), H_k the learning rate
+summed over checkpoint k's window per sample, (B/N) Σ_{s in window} lr(s):
+`artifacts.learning_rates`. The paper's Σ_k η_k (one rate per checkpoint) is the
+special case of a constant rate over each window and evenly spaced checkpoints. Inner products
+are taken between projected features (a seeded JL projection preserves them approximately;
+`projection: none` is exact).
 
 Training side: "replay" (the exact draws training made in each checkpoint's window, the paper's
 method; under the "interval" window a sample drawn several times sums several gradients) or
-"grid" (the training images at a uniform timestep grid, averaged over it; stage 2 extracts it at
-the last checkpoint unless `gradients.train_grid_at: all`). Checkpoints: "all" or "last".
+"grid" (the training images at a uniform timestep grid, averaged over it and weighted by H_k;
+stage 2 extracts it at the last checkpoint unless `gradients.train_grid_at: all`).
+Checkpoints: "all" or "last".
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from diffattr.artifacts.gradient_index import (
     features_array,
     norm_array,
 )
+from diffattr.artifacts.learning_rates import EventWeights
 from diffattr.artifacts.scores import Scores
 from diffattr.gradients.items import grid_cell
 from diffattr.methods.base import MethodInputs
@@ -112,6 +119,11 @@ def _checkpoint(inputs: MethodInputs, entry: StoreEntry) -> Checkpoint:
     )
 
 
+def event_weights(inputs: MethodInputs) -> EventWeights:
+    """η per replayed event and per window of the stores' checkpoints (made once per inputs)."""
+    return inputs.cached("event_weights", lambda: EventWeights.of(inputs.run, inputs.gradients))
+
+
 def query_side(inputs: MethodInputs, ckpt: Checkpoint, weighting: Weighting) -> np.ndarray:
     """G_k(q) [Q, k]: per-timestep query gradients [Q, M, k], weighted, averaged over t."""
     feats = np.asarray(ckpt.arrays[features_array(QUERY)], np.float64)
@@ -135,7 +147,9 @@ def train_side(
         norms = np.asarray(ckpt.arrays[norm_array(TRAIN_GRID)], np.float64)
         t = np.broadcast_to(inputs.gradients.timesteps("train"), norms.shape)
         w = weighting(Gradients(feats, norms, t), ckpt, "training-grid gradients")
-        return (feats * w[..., None]).mean(axis=1)
+        return (feats * w[..., None]).mean(axis=1) * event_weights(inputs).window_mass(
+            ckpt.entry.step
+        )
     events = np.asarray(ckpt.arrays[REPLAY_EVENTS])
     log = inputs.log
     if len(events) and int(events.max()) >= len(log.step):
@@ -144,6 +158,7 @@ def train_side(
     norms = np.asarray(ckpt.arrays[norm_array(REPLAY)][:, 0], np.float64)
     t = log.t[events].astype(np.int64)
     w = weighting(Gradients(feats, norms, t), ckpt, "replayed gradients")
+    w = w * event_weights(inputs).events(ckpt.entry.step, log.step[events])
     columns = inputs.gradients.columns(log.sample_id[events])
     total = np.zeros((len(inputs.gradients.train_ids), feats.shape[1]))
     np.add.at(total, columns, feats * w[:, None])
@@ -163,7 +178,7 @@ def trajectory_scores(
     checkpoints: str = "all",
     cosine: bool = False,
 ) -> Scores:
-    """Σ_k η_k ⟨G_k(q), T_k(j)⟩ (or the cosine) over trajectory checkpoints: Scores [Q, N]."""
+    """Σ_k ⟨G_k(q), T_k(j)⟩ (or Σ_k H_k cos) over trajectory checkpoints: Scores [Q, N]."""
     check_options(side, checkpoints)
     values, provenance, settings = None, [], {}
     for entry in inputs.gradients.trajectory(checkpoints):
@@ -172,12 +187,10 @@ def trajectory_scores(
         q = query_side(inputs, ckpt, weighting)
         t = train_side(inputs, ckpt, weighting, side)
         if cosine:
-            q, t = cosine_rows(q), cosine_rows(t)
-        term = float(entry.lr) * (q @ t.T)
+            q, t = cosine_rows(q), event_weights(inputs).window_mass(entry.step) * cosine_rows(t)
+        term = q @ t.T
         values = term if values is None else values + term
-        provenance.append(
-            {"step": entry.step, "lr": entry.lr, "weights_hash": settings["weights_hash"]}
-        )
+        provenance.append(_checkpoint_provenance(inputs, entry, settings))
     return inputs.gradients.scores(
         values,
         {
@@ -213,17 +226,14 @@ def training_image_scores(
     tr = train_side(inputs, ckpt, weighting, "replay")
     if cosine:
         q, tr = cosine_rows(q), cosine_rows(tr)
-    entry = ckpt.entry
     return Scores(
-        values=float(entry.lr) * (q @ tr.T),
+        values=q @ tr.T,
         train_ids=train_ids,
         query_kind=np.full(len(rows), "train"),
         query_key=train_ids[rows],
         settings={
             "evaluation": "image tracing (training images as queries)",
-            "checkpoints": [
-                {"step": entry.step, "lr": entry.lr, "weights_hash": ckpt.settings["weights_hash"]}
-            ],
+            "checkpoints": [_checkpoint_provenance(inputs, ckpt.entry, ckpt.settings)],
             "replay_window": inputs.gradients.replay_window,
             "query_timesteps": inputs.gradients.timesteps("train").tolist(),
             "projection": ckpt.settings["projection"],
@@ -231,3 +241,13 @@ def training_image_scores(
             "self_columns": rows.tolist(),
         },
     )
+
+
+def _checkpoint_provenance(inputs: MethodInputs, entry: StoreEntry, settings: dict) -> dict:
+    """What a score records of one checkpoint: its step, weights and η weighting."""
+    return {
+        "step": entry.step,
+        "lr": entry.lr,
+        "weights_hash": settings["weights_hash"],
+        **event_weights(inputs).describe(entry.step),
+    }

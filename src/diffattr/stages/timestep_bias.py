@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from diffattr.artifacts.learning_rates import EventWeights
 from diffattr.artifacts.scores import Scores
 from diffattr.evaluation import metrics
 from diffattr.evaluation.timestep_bias import ReplayNorms, band_interval, replay_norms
@@ -149,7 +150,12 @@ def run(
     specs = P.method_specs()
     inputs = method_inputs(P, train_dir, gradient_dir)
     P.check_dataset_size(len(inputs.train))
-    norms = replay_norms(inputs.gradients, inputs.log, A.band_quantile)
+    norms = replay_norms(
+        inputs.gradients,
+        inputs.log,
+        EventWeights.of(inputs.run, inputs.gradients),
+        A.band_quantile,
+    )
     last = max(norms.bands)
     spans = band_interval(
         inputs.gradients.timesteps("profile"),
