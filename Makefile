@@ -76,7 +76,8 @@ lint: env
 # Are the committed reports of the default run current? dvc status against dvc.lock, then nbval
 # re-executes every reports/0N_*/0N_*.ipynb against data/ (writing under scratch/check-reports/,
 # never to DVC's outputs) and compares every output but timings, paths and addresses
-# (reports/nbval-sanitize.cfg). Needs data/ from `dvc repro`; about 15 minutes on two CPU cores.
+# (reports/nbval-sanitize.cfg), then metrics.json and plots/*.csv. Needs data/ from `dvc repro`;
+# about 10 minutes on two idle CPU cores (the six notebooks' run time), so not part of `make test`.
 check-reports: env
 	$(BIN)/python -m diffattr.stages.check_reports
 

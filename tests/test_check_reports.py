@@ -1,8 +1,9 @@
 """`make check-reports` (diffattr.stages.check_reports): a re-executed report must match the
 committed one in every number, while timings, paths and addresses may differ; the files a run
-writes beside it are compared the same way; and a report edited by hand fails. Runs in CI
-without the pipeline's data: a small report executed here, the stage notebooks' first cell
-in-process."""
+writes beside it are compared the same way; and a report edited by hand fails. Most tests run
+without the pipeline's data (a small report executed here, the stage notebooks' first cell
+in-process); the last one (marker dvc, about a minute) runs the command itself on stage 1 of a
+copy of the project after a smoke-scale `dvc repro train`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 import pytest
+import torch
+import yaml
 from nbval.plugin import get_sanitize_patterns
 
 from diffattr.stages import check_reports
@@ -329,3 +332,132 @@ def test_report_edited_after_its_stage_ran_is_named(tmp_path):
     assert check_reports.bookkeeping_problems(tmp_path, require_data=False) == [
         "s: changed outs: reports/r.txt (modified)"
     ]
+    assert check_reports.bookkeeping_problems(tmp_path, False, stages=["other"]) == []
+
+
+def test_report_file_that_dvc_lock_does_not_list_is_named_so(tmp_path):
+    """An output added to dvc.yaml after the stage last ran (dvc.lock has no hash for it) is
+    reported as not recorded, not as edited."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
+    stage = "stages:\n  s:\n    cmd: mkdir -p reports && echo 1 > reports/r.txt\n    outs:\n"
+    (tmp_path / "dvc.yaml").write_text(stage + "      - reports/r.txt:\n          cache: false\n")
+    subprocess.run([*dvc, "repro", "-q"], cwd=tmp_path, env=env, check=True)
+    (tmp_path / "reports" / "new.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "dvc.yaml").write_text(
+        stage + "      - reports/r.txt:\n          cache: false\n"
+        "      - reports/new.csv:\n          cache: false\n"
+    )
+    assert check_reports.report_edits(tmp_path) == ["s: reports/new.csv (not recorded in dvc.lock)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command itself, on stage 1 of a copy of this project after a smoke-scale `dvc repro train`
+
+SMOKE_PARAMS = {
+    "profile": "digits",
+    "device": "cpu",
+    "data": {"max_train": 8},
+    "model": {},
+    "train": {"steps": 6, "batch_size": 4, "checkpoints": 2, "warmup_steps": 1},
+    "sample": {
+        "num_queries": 2,
+        "num_inference_steps": 2,
+        "grid_samples": 2,
+        "grid_inference_steps": 2,
+    },
+    "gradients": {},
+    "attribution": {"top_k": 4},
+    "retrain": {},
+    "lds": {},
+}
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=project, check=True, capture_output=True
+    ).stdout.decode()
+
+
+def _env(project: Path) -> dict[str, str]:
+    """A shell as `make` gives dvc: the project's sources, this venv first on PATH, and one
+    thread count for both runs (so that they round alike)."""
+    env = {k: v for k, v in os.environ.items() if k not in (RUNNER_ENV, SCRATCH_ENV)}
+    return env | {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "PYTHONPATH": str(project / "src"),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(project.parent / "dvc-site-cache"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+
+
+def _run(project: Path, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=project,
+        env=_env(project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory) -> Path:
+    """A git copy of this project (tracked and untracked, not ignored files) with a smoke-scale
+    params.yaml, after `dvc repro train`: its reports/01_train is current."""
+    project = tmp_path_factory.mktemp("check") / "project"
+    listed = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file() and not name.startswith("reports/"):
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, project / name)
+    (project / "reports").mkdir()
+    shutil.copy(SANITIZE, project / check_reports.SANITIZE_FILE)
+    (project / "params.yaml").write_text(yaml.safe_dump(SMOKE_PARAMS, sort_keys=False))
+    _git(project, "init", "-q")
+    _git(project, "add", "-A")
+    _git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    done = _run(project, "dvc", "repro", "train")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return project
+
+
+@pytest.mark.dvc
+def test_check_reports_passes_on_a_current_report_and_fails_on_one_edited_by_hand(repro_project):
+    """`python -m diffattr.stages.check_reports --stages train` (what `make check-reports` runs,
+    for one stage): the report `dvc repro` just wrote passes; with the final loss in its summary
+    line changed by one digit it fails twice over — dvc.lock's hash, and nbval naming the
+    notebook and the cell, with the committed and the re-executed text."""
+    command = ("diffattr.stages.check_reports", "--stages", "train")
+    done = _run(repro_project, *command)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    assert "reports are current" in done.stdout
+    assert "1. bookkeeping (dvc status): ok" in done.stdout
+    assert "3. metrics.json and plots/*.csv against the re-execution: ok" in done.stdout
+
+    report = repro_project / "reports" / "01_train" / "01_train.ipynb"
+    nb = nbformat.read(report, 4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    (cell,) = [i for i, c in enumerate(code) if "final loss" in _stdout(c)]
+    (out,) = [o for o in code[cell].outputs if o.get("name") == "stdout"]
+    loss = re.search(r"final loss (\d\.\d+)", out.text).group(1)
+    edited = loss[:-1] + str((int(loss[-1]) + 1) % 10)
+    out.text = out.text.replace(f"final loss {loss}", f"final loss {edited}")
+    nbformat.write(nb, report)
+
+    done = _run(repro_project, *command)
+    assert done.returncode == 1, done.stdout[-5000:] + done.stderr[-3000:]
+    assert "train: changed outs: reports/01_train/01_train.ipynb (modified)" in done.stdout
+    failed = re.findall(r"FAILED \S*01_train\.ipynb::Cell (\d+)", done.stdout)
+    assert failed == [str(cell)], done.stdout[-5000:]
+    assert f"final loss {edited}" in done.stdout and f"final loss {loss}" in done.stdout
+    assert "FAILED re-execution" in done.stderr
+
+
+def _stdout(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")

@@ -19,7 +19,9 @@ Three checks, run in this order; each prints what it found and all must pass.
 3. **Files**: the re-executed run's `metrics.json` (timing keys aside) and `plots/*.csv` equal the
    committed ones.
 
-`python -m diffattr.stages.check_reports [--bookkeeping-only]`; exit status 0 when all pass.
+`python -m diffattr.stages.check_reports [--bookkeeping-only] [--stages STAGE ...]`; exit
+status 0 when all pass. Cost: the notebooks of the default run take about 10 minutes on two idle
+CPU cores (their papermill durations add up to 9.7 min), plus a kernel start per notebook.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from diffattr.stages.catalog import (
     REPORT_METRICS,
@@ -53,16 +57,24 @@ TIMING_KEY = re.compile(r"^(?:\w*wall_time_s|mean_model_train_s|ms_per_\w+|secon
 CELL_TIMEOUT_S = 7200  # stage 1 retrains in one cell: minutes, more on a busy machine
 
 
-def report_notebooks(root: Path) -> list[Path]:
-    """The default run's executed notebooks, `reports/<notebook>/<notebook>.ipynb`, in order."""
-    return [root / "reports" / s.notebook / f"{s.notebook}.ipynb" for s in STAGES.values()]
+def report_notebooks(root: Path, stages: list[str] | None = None) -> list[Path]:
+    """The default run's executed notebooks, `reports/<notebook>/<notebook>.ipynb`, in pipeline
+    order (stages: dvc.yaml stage names; None = all)."""
+    return [
+        root / "reports" / s.notebook / f"{s.notebook}.ipynb"
+        for s in STAGES.values()
+        if stages is None or s.name in stages
+    ]
 
 
 # --- 1. bookkeeping -------------------------------------------------------------------------
 
 
-def bookkeeping_problems(root: Path, require_data: bool = True) -> list[str]:
-    """What `dvc status` says is out of date, one line each ([] = current).
+def bookkeeping_problems(
+    root: Path, require_data: bool = True, stages: list[str] | None = None
+) -> list[str]:
+    """What `dvc status` says is out of date for `stages` (None = all), one line each
+    ([] = current).
 
     Ignored: outputs that are only absent from the DVC cache; with `require_data=False` also
     missing outputs under `data/` (a fresh clone, CI). Report files that differ from dvc.lock,
@@ -71,7 +83,7 @@ def bookkeeping_problems(root: Path, require_data: bool = True) -> list[str]:
     return [
         f"{stage}: {kind}" + (f": {path} ({state})" if path else "")
         for stage, kind, path, state in dvc_status(root)
-        if not _harmless(kind, path, state, require_data)
+        if (stages is None or stage in stages) and not _harmless(kind, path, state, require_data)
     ]
 
 
@@ -88,7 +100,8 @@ def report_edits(root: Path) -> list[str]:
 def dvc_status(root: Path) -> list[tuple[str, str, str, str]]:
     """`dvc status` of root's pipeline as (stage, kind, path, state) rows, e.g. ("train",
     "changed outs", "reports/01_train/01_train.ipynb", "modified"); path and state are "" for
-    a change without one ("always changed"). RuntimeError if dvc fails."""
+    a change without one ("always changed"). An output that dvc.lock does not list at all (a new
+    one) has the state "not recorded in dvc.lock". RuntimeError if dvc fails."""
     found = subprocess.run(
         [sys.executable, "-m", "dvc", "status", "--json"],
         cwd=root,
@@ -98,6 +111,7 @@ def dvc_status(root: Path) -> list[tuple[str, str, str, str]]:
     )
     if found.returncode != 0:
         raise RuntimeError(f"dvc status failed: {found.stderr.strip() or found.stdout.strip()}")
+    recorded = _locked_outputs(root)
     rows = []
     for stage, changes in json.loads(found.stdout or "{}").items():
         for change in changes:
@@ -110,8 +124,17 @@ def dvc_status(root: Path) -> list[tuple[str, str, str, str]]:
                     continue
                 for path, state in entries.items():
                     text = state if isinstance(state, str) else json.dumps(state)
+                    if kind == "changed outs" and path not in recorded.get(stage, set()):
+                        text = "not recorded in dvc.lock"
                     rows.append((stage, kind, path, text))
     return rows
+
+
+def _locked_outputs(root: Path) -> dict[str, set[str]]:
+    """Stage → the output paths dvc.lock records for it ({} without a dvc.lock)."""
+    lock = root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+    return {name: {out["path"] for out in s.get("outs", [])} for name, s in stages.items()}
 
 
 def _harmless(kind: str, path: str, state: str, require_data: bool) -> bool:
@@ -125,13 +148,18 @@ def _harmless(kind: str, path: str, state: str, require_data: bool) -> bool:
 # --- 2. re-execution -------------------------------------------------------------------------
 
 
-def prepare_scratch(root: Path, scratch: str = CHECK_SCRATCH) -> None:
+def prepare_scratch(
+    root: Path, scratch: str = CHECK_SCRATCH, stages: list[str] | None = None
+) -> None:
     """Empty the check's scratch folder, then copy the persisted model stores into it (where
-    the re-executed notebooks of stages 5 and 6 will look for them)."""
+    the re-executed notebooks of stages 5 and 6 will look for them), for `stages` (None = all)."""
     target = root / scratch
     if target.exists():
         shutil.rmtree(target)
+    notebooks = {p.stem for p in report_notebooks(root, stages)}
     for notebook, store in COPIED_STORES.items():
+        if notebook not in notebooks:
+            continue
         source = root / store
         if not source.is_dir():
             raise FileNotFoundError(f"{store} is missing: run `dvc repro` (or `dvc pull`) first")
@@ -175,11 +203,15 @@ def run_nbval(
 # --- 3. files --------------------------------------------------------------------------------
 
 
-def file_differences(root: Path, scratch: str = CHECK_SCRATCH) -> list[str]:
+def file_differences(
+    root: Path, scratch: str = CHECK_SCRATCH, stages: list[str] | None = None
+) -> list[str]:
     """Where the re-executed run's metrics.json (timings aside) and plots/*.csv differ from the
-    committed ones, one line each ([] = identical)."""
+    committed ones, for `stages` (None = all), one line each ([] = identical)."""
     problems = []
     for stage in STAGES.values():
+        if stages is not None and stage.name not in stages:
+            continue
         committed = root / "reports" / stage.notebook
         fresh = root / scratch / stage.notebook / "reports" / stage.notebook
         if not fresh.is_dir():
@@ -239,6 +271,7 @@ def _json_differences(old, new, path: str = "") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; returns the exit status (0: every check passed)."""
     parser = argparse.ArgumentParser(
         prog="python -m diffattr.stages.check_reports",
         description="Check that the committed reports of the default run are current.",
@@ -248,11 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only step 1 (dvc status; seconds, no data needed)",
     )
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=list(STAGES),
+        metavar="STAGE",
+        help=f"check only these dvc.yaml stages (default: all of {', '.join(STAGES)})",
+    )
     args = parser.parse_args(argv)
     root = find_project_root() or Path.cwd()
+    stages = args.stages
     failed = []
     try:
-        problems = bookkeeping_problems(root, require_data=not args.bookkeeping_only)
+        problems = bookkeeping_problems(root, not args.bookkeeping_only, stages)
     except RuntimeError as err:
         problems = [str(err)]
     _say("1. bookkeeping (dvc status)", problems)
@@ -266,14 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing and not args.bookkeeping_only:
         failed.append("the pipeline's outputs are missing from data/: run `dvc repro` first.")
     elif not args.bookkeeping_only:
-        prepare_scratch(root)
+        prepare_scratch(root, stages=stages)
         print(f"2. re-execution: nbval, outputs under {CHECK_SCRATCH}/", flush=True)
-        if run_nbval(root).returncode != 0:
+        if run_nbval(root, report_notebooks(root, stages)).returncode != 0:
             failed.append(
                 "re-execution: a committed report's outputs differ from a re-run (above: the "
-                "cell, the committed output and the new one). Refresh with `dvc repro`."
+                "notebook, the cell, the committed output and the new one). Refresh with "
+                "`dvc repro`."
             )
-        problems = file_differences(root)
+        problems = file_differences(root, stages=stages)
         _say("3. metrics.json and plots/*.csv against the re-execution", problems)
         if problems:
             failed.append("files: metrics or plot data differ from a re-run (`dvc repro`).")
