@@ -162,6 +162,8 @@ def failed_cells(project) -> dict[str, set[int]]:
     for match in re.finditer(r"FAILED \S*?/(\w+)(?:\.ipynb|::ipynb)::Cell (\d+)", done.stdout):
         failed[match.group(1)].add(int(match.group(2)))
     assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-3000:]
+    # nbval shows the committed and the re-executed output of a failed cell, untruncated
+    assert re.search(r"final loss 0\.09(?!\d)", done.stdout) and "final loss 0.0935" in done.stdout
     return failed
 
 
@@ -455,7 +457,8 @@ def test_check_reports_passes_on_a_current_report_and_fails_on_one_edited_by_han
     assert "train: changed outs: reports/01_train/01_train.ipynb (modified)" in done.stdout
     failed = re.findall(r"FAILED \S*01_train\.ipynb::Cell (\d+)", done.stdout)
     assert failed == [str(cell)], done.stdout[-5000:]
-    assert f"final loss {edited}" in done.stdout and f"final loss {loss}" in done.stdout
+    shown = done.stdout.replace("\\n", "\n")  # nbval prints the outputs' newlines as \n
+    assert f"final loss {edited};" in shown and f"final loss {loss};" in shown, shown[-5000:]
     assert "FAILED re-execution" in done.stderr
 
 

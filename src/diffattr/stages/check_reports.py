@@ -174,6 +174,7 @@ def nbval_command(notebooks: list[Path], sanitize: Path, *extra: str) -> list[st
         "pytest",
         "-p",
         "no:cacheprovider",
+        "-vv",  # a line per cell as it passes; a failure shows both outputs whole, untruncated
         "--nbval",
         "--nbval-sanitize-with",
         str(sanitize),
