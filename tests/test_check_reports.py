@@ -279,9 +279,9 @@ def test_sanitiser_keeps_every_result(committed, rerun):
     assert _sanitise(committed) != _sanitise(rerun)
 
 
-def test_file_comparison_ignores_timing_keys_only(tmp_path):
-    """Step 3: metrics.json beside the re-executed report may differ in timing keys only, and
-    plots/*.csv not at all."""
+def test_file_comparison_ignores_timings_and_float_rounding_only(tmp_path):
+    """Step 3: metrics.json and plots/*.csv beside the re-executed report may differ in timing
+    keys and in floats' last digits (relative RTOL), nothing else."""
     committed = tmp_path / "reports" / "01_train"
     fresh = tmp_path / check_reports.CHECK_SCRATCH / "01_train" / "reports" / "01_train"
     for folder, seconds in ((committed, 77.53), (fresh, 301.2)):
@@ -292,13 +292,22 @@ def test_file_comparison_ignores_timing_keys_only(tmp_path):
     assert not [
         p for p in check_reports.file_differences(tmp_path) if "01_train" in p.split(":")[0]
     ]
-    metrics = json.loads((fresh / "metrics.json").read_text()) | {"final_loss": 0.0936}
-    (fresh / "metrics.json").write_text(json.dumps(metrics))
+    # another thread count: the last digits of floats
+    metrics = json.loads((fresh / "metrics.json").read_text())
+    (fresh / "metrics.json").write_text(json.dumps(metrics | {"final_loss": 0.09350001}))
     (fresh / "plots" / "loss_curve.csv").write_text("step,loss\n1,1.10267\n")
+    assert not [p for p in check_reports.file_differences(tmp_path) if p.startswith("01_train")]
+    # another result: a float in the 4th digit, a count by one
+    (committed / "metrics.json").write_text(json.dumps(metrics | {"n_parameters": 284513}))
+    (fresh / "metrics.json").write_text(
+        json.dumps(metrics | {"final_loss": 0.0936, "n_parameters": 284514})
+    )
+    (fresh / "plots" / "loss_curve.csv").write_text("step,loss\n2,1.10267\n")
     found = [p for p in check_reports.file_differences(tmp_path) if p.startswith("01_train")]
     assert found == [
         "01_train/metrics.json: .final_loss: committed 0.0935, re-executed 0.0936",
-        "01_train/plots/loss_curve.csv: differs",
+        "01_train/metrics.json: .n_parameters: committed 284513, re-executed 284514",
+        "01_train/plots/loss_curve.csv: [0].step: committed 1, re-executed 2",
     ]
 
 

@@ -16,8 +16,8 @@ Three checks, run in this order; each prints what it found and all must pass.
    :mod:`diffattr.stages.session`), never to DVC-tracked outputs. The retrained-model stores of
    stages 5 and 6 are copied there first, as DVC keeps them between runs (`persist: true`);
    everything else is recomputed (stage 1 retrains, stage 2 re-extracts every gradient).
-3. **Files**: the re-executed run's `metrics.json` (timing keys aside) and `plots/*.csv` equal the
-   committed ones.
+3. **Files**: the re-executed run's `metrics.json` (timing keys and the thread count aside) and
+   `plots/*.csv` equal the committed ones, floats to a relative `RTOL`.
 
 `python -m diffattr.stages.check_reports [--bookkeeping-only] [--stages STAGE ...]`; exit
 status 0 when all pass. Cost: the notebooks of the default run take about 10 minutes on two idle
@@ -27,7 +27,10 @@ CPU cores (their papermill durations add up to 9.7 min), plus a kernel start per
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -52,8 +55,12 @@ CHECK_SCRATCH = "scratch/check-reports"
 # retrained on subsets (stage 5) and without top proponents (stage 6), about 30 minutes of
 # training that DVC keeps between runs; the committed reports were made with them in place.
 COPIED_STORES = {"05_ground_truth": "data/retrain", "06_lds": "data/removal"}
-# metrics.json keys that hold timings (seconds or ms), left out of the comparison.
-TIMING_KEY = re.compile(r"^(?:\w*wall_time_s|mean_model_train_s|ms_per_\w+|seconds)$")
+# metrics.json keys that hold timings (seconds or ms) or the CPU thread count (runtime block),
+# left out of the comparison.
+TIMING_KEY = re.compile(r"^(?:\w*wall_time_s|mean_model_train_s|ms_per_\w+|seconds|cpu_threads)$")
+# Floats in metrics.json and plots/*.csv may differ by this much (relative): another thread count
+# sums in another order (stage 1's loss: up to 1e-5 after 800 steps); a real change moves more.
+RTOL = 1e-4
 CELL_TIMEOUT_S = 7200  # stage 1 retrains in one cell: minutes, more on a busy machine
 
 
@@ -208,7 +215,8 @@ def file_differences(
     root: Path, scratch: str = CHECK_SCRATCH, stages: list[str] | None = None
 ) -> list[str]:
     """Where the re-executed run's metrics.json (timings aside) and plots/*.csv differ from the
-    committed ones, for `stages` (None = all), one line each ([] = identical)."""
+    committed ones (floats: by more than a relative RTOL), for `stages` (None = all), one line
+    each, at most five per CSV ([] = the same)."""
     problems = []
     for stage in STAGES.values():
         if stages is not None and stage.name not in stages:
@@ -223,10 +231,32 @@ def file_differences(
             problems.append(f"{stage.notebook}/{REPORT_METRICS}: {where}")
         old_plots, new_plots = (_files(d / REPORT_PLOTS) for d in (committed, fresh))
         for name in sorted(old_plots.keys() | new_plots.keys()):
-            if old_plots.get(name) != new_plots.get(name):
-                state = "differs" if name in old_plots and name in new_plots else "missing in one"
-                problems.append(f"{stage.notebook}/{REPORT_PLOTS}/{name}: {state}")
+            where = f"{stage.notebook}/{REPORT_PLOTS}/{name}"
+            if name not in old_plots or name not in new_plots:
+                problems.append(
+                    f"{where}: only in the {'committed' if name in old_plots else 're-execution'}"
+                )
+                continue
+            rows = [_csv_rows(files[name]) for files in (old_plots, new_plots)]
+            problems += [f"{where}: {d}" for d in _json_differences(*rows)][:5]
     return problems
+
+
+def _csv_rows(text: bytes) -> list[dict]:
+    """A CSV's rows as dicts (header → value); numeric fields as int or float."""
+    return [
+        {key: _number(value) for key, value in row.items()}
+        for row in csv.DictReader(io.StringIO(text.decode()))
+    ]
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _load_json(path: Path):
@@ -246,7 +276,8 @@ def _drop_timings(value):
 
 
 def _json_differences(old, new, path: str = "") -> list[str]:
-    """Paths (`sweep[3].unique_ratio`) where two JSON values differ, with both values."""
+    """Paths (`sweep[3].unique_ratio`) where two JSON values differ, with both values; numbers
+    within a relative RTOL are equal."""
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
         for key in list(old) + [k for k in new if k not in old]:
@@ -263,9 +294,9 @@ def _json_differences(old, new, path: str = "") -> list[str]:
             for i, (a, b) in enumerate(zip(old, new, strict=True))
             for d in _json_differences(a, b, f"{path}[{i}]")
         ]
-    return (
-        [] if old == new else [f"{path or '(whole file)'}: committed {old!r}, re-executed {new!r}"]
-    )
+    floats = isinstance(old, float) and isinstance(new, float)
+    same = old == new or (floats and math.isclose(old, new, rel_tol=RTOL))
+    return [] if same else [f"{path or '(whole file)'}: committed {old!r}, re-executed {new!r}"]
 
 
 # --- the command -----------------------------------------------------------------------------
