@@ -65,7 +65,8 @@ test: env
 	$(BIN)/ruff check src tests benchmarks notebooks
 	$(BIN)/pytest -q
 
-# `dvc repro` killed during stage 2 and failing, on a copy of the project (a few minutes).
+# `dvc repro` killed during stage 2 and failing, and check-reports passing on stage 1 then
+# failing once its report is edited by hand, on copies of the project (a few minutes).
 test-dvc: env
 	$(BIN)/pytest -q -m dvc
 
