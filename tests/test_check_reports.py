@@ -2,7 +2,7 @@
 committed one in every number, while timings, paths and addresses may differ; the files a run
 writes beside it are compared the same way; and a report edited by hand fails. Most tests run
 without the pipeline's data (a small report executed here, the stage notebooks' first cell
-in-process); the last one (marker dvc, about a minute) runs the command itself on stage 1 of a
+in-process); the last one (marker dvc, about 90 s) runs the command itself on stage 1 of a
 copy of the project after a smoke-scale `dvc repro train`."""
 
 from __future__ import annotations
