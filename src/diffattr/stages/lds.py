@@ -37,7 +37,7 @@ from diffattr.retraining import RetrainJob
 from diffattr.rng import Tag, key_seed
 from diffattr.stages.ground_truth import retrain_models
 from diffattr.stages.inputs import method_inputs
-from diffattr.stages.train import write_metrics
+from diffattr.stages.train import write_metrics, write_plot_data
 
 
 @dataclass
@@ -389,4 +389,16 @@ def run(
         "findings": found.to_dict(orient="records"),
     }
     write_metrics(report_dir, out)
+    write_plot_data(report_dir, "lds_vs_damping", lds_vs_damping_data(out))
     return LDSStageResult(inputs, truth, by_method, table, ceiling, comps, removal, found, out)
+
+
+def lds_vs_damping_data(metrics: dict) -> pd.DataFrame:
+    """LDS against damping (`dvc plots`), from the stage's metrics: one row per swept method and
+    damping λ with the LDS over all queries and its SEM (empty where undefined)."""
+    rows = [
+        {"method": method, **point}
+        for method, points in metrics["curves"].items()
+        for point in points
+    ]
+    return pd.DataFrame(rows, columns=["method", "damping", "lds", "sem"])
