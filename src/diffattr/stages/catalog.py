@@ -8,12 +8,15 @@ parameter names; their values come from the notebook (defaults) or from `-p` on 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 # Set (to "1") by the stage runner in the kernel's environment: outputs are the pipeline's own.
 RUNNER_ENV = "DIFFATTR_STAGE_RUNNER"
 SCRATCH = "scratch"  # where an interactive run writes instead of DVC-tracked outputs
+# Moves that folder (relative to the project root), e.g. `make check-reports` uses its own.
+SCRATCH_ENV = "DIFFATTR_SCRATCH"
 
 
 @dataclass(frozen=True)
@@ -50,24 +53,40 @@ STAGES: dict[str, StageInfo] = {
             ("train_dir", "gradient_dir", "retrain_dir"),
             ("removal_dir", "report_dir"),
         ),
-        # The memorisation control (profile digits_memorise; `make memorisation`, not dvc.yaml):
-        # its own stage 2 extractions under out_dir, on a stage 1 run of the same profile.
+    )
+}
+# Studies the runner runs but dvc.yaml does not (a profile's own Makefile target, reports under
+# reports/<profile>/, so `make check-reports` and the dvc.yaml tests leave them out).
+STUDIES: dict[str, StageInfo] = {
+    s.name: s
+    for s in (
+        # The memorisation control (profile digits_memorise; `make memorisation`): its own
+        # stage 2 extractions under out_dir, on a stage 1 run of the same profile.
         StageInfo("memorisation", "07_memorisation", ("train_dir",), ("out_dir", "report_dir")),
     )
 }
 
-# Files and folders a stage writes into its report folder (DVC outs with `cache: false`).
-REPORT_FIGURES, REPORT_METRICS = "figures", "metrics.json"
+# Files and folders a stage writes into its report folder (DVC outs with `cache: false`):
+# figures, metrics.json, and plots/ (CSV data behind the key figures, `dvc plots show`).
+REPORT_FIGURES, REPORT_METRICS, REPORT_PLOTS = "figures", "metrics.json", "plots"
+
+
+def scratch_folder() -> str:
+    """Where interactive runs write instead of DVC-tracked outputs: `$DIFFATTR_SCRATCH`, or
+    `scratch` (both relative to the project root)."""
+    return os.environ.get(SCRATCH_ENV) or SCRATCH
 
 
 def stage_info(name: str) -> StageInfo:
-    """The stage called `name` (or whose notebook is `name`); ValueError with did-you-mean."""
-    for info in STAGES.values():
+    """The stage or study called `name` (or whose notebook is `name`); ValueError with
+    did-you-mean."""
+    known = {**STAGES, **STUDIES}
+    for info in known.values():
         if name in (info.name, info.notebook):
             return info
-    hint = difflib.get_close_matches(name, list(STAGES), n=1)
+    hint = difflib.get_close_matches(name, list(known), n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise ValueError(f"unknown stage {name!r}{did_you_mean}; stages: {', '.join(STAGES)}")
+    raise ValueError(f"unknown stage {name!r}{did_you_mean}; stages: {', '.join(known)}")
 
 
 def find_project_root(start: str | Path | None = None) -> Path | None:

@@ -33,8 +33,10 @@ import yaml
 from diffattr.stages.catalog import (
     REPORT_FIGURES,
     REPORT_METRICS,
+    REPORT_PLOTS,
     RUNNER_ENV,
     STAGES,
+    STUDIES,
     StageInfo,
     find_project_root,
     stage_info,
@@ -102,6 +104,7 @@ def report_files(report_dir: Path, info: StageInfo) -> list[Path]:
         report_dir / f"{info.notebook}.ipynb",
         report_dir / REPORT_FIGURES,
         report_dir / REPORT_METRICS,
+        report_dir / REPORT_PLOTS,
     ]
 
 
@@ -199,7 +202,7 @@ def parse_arguments(argv: list[str] | None) -> tuple[str, dict, str]:
         prog="python -m diffattr.stage",
         description="Run one pipeline stage's notebook with papermill (what dvc.yaml calls).",
     )
-    parser.add_argument("stage", help=f"one of: {', '.join(STAGES)}")
+    parser.add_argument("stage", help=f"one of: {', '.join([*STAGES, *STUDIES])}")
     parser.add_argument(
         "-p",
         "--parameter",
