@@ -104,8 +104,9 @@ outliers: env
 # The memorisation control (image tracing with a ground truth) on CPU: stage 1 under
 # `profile: digits_memorise`, then the study (every method under every protocol, its own stage 2
 # extractions); outputs in data/memorise/ (git-ignored, ~3.5 GB) and reports/digits_memorise/
-# (committed). About 30 minutes on a 2-core CPU: training 8 min, the interval window's
-# extraction (every replayed draw) 11 min, the rest 10 min. Not part of `dvc repro`.
+# (committed). 15-30 minutes on a 2-core CPU (idle / shared): training 2-8 min, the stage 2
+# extractions 17 min shared (the interval window's, every replayed draw, 11 of them), scoring
+# 4-6 min. Not part of `dvc repro`.
 memorise: memorisation
 MEMORISE := -p params_file params.yaml -p overrides "{profile: digits_memorise}"
 memorisation: env
