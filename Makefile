@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: env repro test lint notebooks-clean outliers outliers-photo outliers-flat seeds
+.PHONY: env repro test test-dvc lint notebooks-clean outliers outliers-photo outliers-flat seeds
 
 env: $(STAMP)
 
@@ -64,6 +64,10 @@ repro: env
 test: env
 	$(BIN)/ruff check src tests benchmarks notebooks
 	$(BIN)/pytest -q
+
+# `dvc repro` killed during stage 2 and failing, on a copy of the project (a few minutes).
+test-dvc: env
+	$(BIN)/pytest -q -m dvc
 
 lint: env
 	$(BIN)/ruff check src tests benchmarks notebooks

@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny datasets and models that build in milliseconds."""
+"""Shared fixtures and helpers: tiny datasets and models that build in milliseconds, writers of
+the real on-disk formats, a guard for torch's process-wide determinism flags."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,81 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from diffattr.data.datasets import ImageDataset  # noqa: E402
 from diffattr.params import ModelParams, TrainParams  # noqa: E402
+
+
+@contextlib.contextmanager
+def kept_determinism():
+    """Restore torch's determinism flags and CUBLAS_WORKSPACE_CONFIG on exit (they are
+    process-wide: a test that switches them on must not change the tests after it)."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    try:
+        yield
+    finally:
+        enabled, warn_only, cudnn_deterministic, cudnn_benchmark, cublas = saved
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write uint8 [n, 3, 32, 32] like a CIFAR-10 python batch (pickled dict, bytes keys;
+    b"data" uint8 [n, 3072], each row the R, G, B planes row-major)."""
+    batch = {
+        b"batch_label": b"fake batch",
+        b"labels": [int(x) for x in labels],
+        b"data": images.reshape(len(images), -1),
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
+    }
+    with open(path, "wb") as fh:
+        pickle.dump(batch, fh, protocol=2)
+
+
+def write_cifar10(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """A fake CIFAR-10 in the layout of the official python tarball: `root/cifar-10-batches-py/`
+    with data_batch_1..5 (train_per_class images of each class spread over the five), test_batch
+    and batches.meta; random pixels, shuffled labels. Returns the batches folder."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(10 * train_per_class) % 10)
+    images = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+    for b, rows in enumerate(np.array_split(np.arange(len(labels)), 5)):
+        write_cifar_batch(folder / f"data_batch_{b + 1}", images[rows], labels[rows])
+    test_labels = rng.permutation(np.arange(10 * test_per_class) % 10)
+    test = rng.integers(0, 256, (len(test_labels), 3, 32, 32), dtype=np.uint8)
+    write_cifar_batch(folder / "test_batch", test, test_labels)
+    meta = {
+        b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+        b"num_cases_per_batch": int(np.ceil(len(labels) / 5)),
+        b"num_vis": 3 * 32 * 32,
+    }
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump(meta, fh, protocol=2)
+    return folder
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_cifar_batch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -30,18 +31,6 @@ N_MNIST_ZEROS = 12
 # ---------------------------------------------------------------------------------------------
 # Writers of the real formats
 # ---------------------------------------------------------------------------------------------
-
-
-def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write uint8 [n, 3, 32, 32] like a CIFAR-10 python batch (pickled dict, bytes keys)."""
-    batch = {
-        b"batch_label": b"fake batch",
-        b"labels": [int(x) for x in labels],
-        b"data": images.reshape(len(images), -1),
-        b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
-    }
-    with open(path, "wb") as fh:
-        pickle.dump(batch, fh, protocol=2)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from diffattr.gradients.kfac import (
     layer_blocks,
     precondition,
     preconditioned_features,
+    streamed_influence,
     weight_matrix,
 )
 from diffattr.gradients.projection import make_projector
@@ -253,6 +255,23 @@ def test_layers_that_do_not_run_and_changing_batches_are_refused():
         fit_kfac(MLP(), lambda: [(x, None, None)], "type2")
 
 
+def test_in_place_change_of_a_recorded_input_or_output_is_refused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x, t):
+            h = self.first(x)
+            out = self.second(h)
+            h.mul_(2.0)  # the second layer's recorded input changes after it ran
+            return out
+
+    x = torch.randn(3, 2)
+    with pytest.raises(RuntimeError, match="second.*modified in place"):
+        fit_kfac(InPlace().eval(), lambda: [(x, None, None)], "type2")
+
+
 # ---- fitting draws ---------------------------------------------------------------------------
 
 
@@ -390,6 +409,26 @@ def test_precondition_then_random_projection_approximates_influence_within_jl_er
         err = (scores[i] - exact).abs()
         assert (err < bound).all(), (err / bound).max()
         assert (err > 0).any()  # the projection did something
+
+
+def test_streamed_influence_equals_influence_on_full_gradients_for_every_damping():
+    """Training gradients given in uneven, shuffled chunks; GroupNorm coordinates ignored."""
+    model, kfac = _fitted_normnet()
+    dim = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(3, dim, dtype=torch.float64, generator=gen)
+    train = torch.randn(7, dim, dtype=torch.float64, generator=gen)
+    dampings = [1e-4, 0.3, 50.0]
+    order = [np.array([5, 0, 2]), np.array([6]), np.array([1, 3, 4])]
+    out = streamed_influence(kfac, model, q, [(r, train[r]) for r in order], 7, dampings)
+    assert out.shape == (3, 3, 7) and out.dtype == torch.float64
+    for i, lam in enumerate(dampings):
+        exact = influence(kfac, layer_blocks(q, model), layer_blocks(train, model), lam)
+        torch.testing.assert_close(out[i], exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
+    with pytest.raises(ValueError, match="never given"):
+        streamed_influence(kfac, model, q, [(order[0], train[order[0]])], 7, dampings)
+    with pytest.raises(ValueError, match="came twice"):
+        streamed_influence(kfac, model, q, [(r, train[r]) for r in order + order[:1]], 7, 1.0)
 
 
 @pytest.mark.parametrize("bad", ["0.1", float("inf"), float("nan"), 0.0, -1.0, True, None])

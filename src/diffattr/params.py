@@ -174,6 +174,13 @@ class LDSParams:
             "dtrak",
             "kfac",
             "ekfac",
+            # EK-FAC as [KFAC-IF]'s code scores at scale: the stored projected training
+            # features and the query grid — shows what the random projection costs.
+            {
+                "name": "ekfac_projected",
+                "method": "ekfac",
+                "args": {"query_side": "grid", "train_side": "stored"},
+            },
         ]
     )
     # Values of each swept method's damping λ (absolute; the best lies where λ is comparable to

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from diffattr.diffusion.model import predict_eps
 from diffattr.diffusion.schedule import add_noise
 from diffattr.diffusion.task import LOSS_KINDS, per_sample_loss
-from diffattr.gradients.items import KIND_GENERATED, KIND_HELDOUT, KIND_TRAIN
+from diffattr.gradients.items import KIND_GENERATED, KIND_HELDOUT, KIND_TRAIN, ItemSet
 from diffattr.rng import Tag, keyed_generator
 
 # Measurement noise is generated once and kept when all of it fits in this (48 queries × 256
@@ -135,6 +135,24 @@ class MeasurementDraws:
             )
             out[i] = torch.randn(self.image_shape, generator=gen)
         return out
+
+    def items(self, images: torch.Tensor) -> ItemSet:
+        """The draws as an `ItemSet` over the queries' images [Q, C, H, W] (one column per draw,
+        one noise draw per cell): its mean gradient per row is ∇m(θ, q) exactly."""
+        expected = (self.n_query, *self.image_shape)
+        if tuple(images.shape) != expected:
+            raise ValueError(
+                f"images must be [Q, C, H, W] = {list(expected)} to match the measurement draws, "
+                f"got {list(images.shape)}"
+            )
+        k = self.n_draws
+
+        def noise(rows: np.ndarray) -> torch.Tensor:
+            rows = np.asarray(rows, np.int64)
+            eps = self.eps(np.repeat(rows, k), np.tile(np.arange(k), len(rows)))
+            return eps.reshape(len(rows), k, 1, *self.image_shape)
+
+        return ItemSet(images, torch.from_numpy(self.t), 1, noise)
 
     def settings(self, loss_kind: str) -> dict:
         """Provenance of the measurement: everything that defines m(θ, q) besides the queries."""

@@ -9,6 +9,7 @@ Rows already in the store are skipped, so an interrupted extraction resumes.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,23 +124,48 @@ def extract(
     return stats
 
 
+def mean_gradient_chunks(
+    items: ItemSet,
+    grads: PerSampleGradients,
+    rows_per_chunk: int = 256,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "gradients",
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Full (unprojected) gradients of each image averaged over its M timesteps and S draws,
+    `rows_per_chunk` images at a time: yields (rows [b] int64, [b, D] float32 on the gradients'
+    device) — for methods that stream exact gradients instead of reading a store."""
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be ≥ 1, got {rows_per_chunk}")
+    rows_per_batch = max(1, batch_size // items.m)
+    shape = tuple(items.x0.shape[1:])
+    bar = tqdm(total=items.n, disable=not progress, desc=desc, unit="image")
+    for chunk_start in range(0, items.n, rows_per_chunk):
+        chunk = np.arange(chunk_start, min(items.n, chunk_start + rows_per_chunk))
+        out = torch.zeros(len(chunk), grads.dim, device=grads.device)
+        for start in range(0, len(chunk), rows_per_batch):
+            rows = chunk[start : start + rows_per_batch]
+            b = len(rows)
+            x0 = items.x0[torch.from_numpy(rows)].repeat_interleave(items.m, dim=0)
+            t = items.t[torch.from_numpy(rows)].reshape(-1)
+            eps = items.noise(rows).reshape(b * items.m, items.draws, *shape)
+            g = grads(x0.to(grads.device), t.to(grads.device), eps.to(grads.device))
+            out[start : start + b] = g.reshape(b, items.m, -1).mean(dim=1)
+            bar.update(b)
+        yield chunk, out
+    bar.close()
+
+
 def mean_gradients(
     items: ItemSet, grads: PerSampleGradients, batch_size: int = 64, progress: bool = False
 ) -> torch.Tensor:
     """Full (unprojected) gradients of each image averaged over its M timesteps and S draws:
     [N, D] float32 on the gradients' device — ∇ of the measurement averaged over the grid, for
     the few queries whose full gradients a method needs (K-FAC's preconditioned queries)."""
-    rows_per_batch = max(1, batch_size // items.m)
-    shape = tuple(items.x0.shape[1:])
-    out = torch.zeros(items.n, grads.dim, device=grads.device)
-    for start in tqdm(
-        range(0, items.n, rows_per_batch), disable=not progress, desc="query gradients"
-    ):
-        rows = np.arange(start, min(items.n, start + rows_per_batch))
-        b = len(rows)
-        x0 = items.x0[torch.from_numpy(rows)].repeat_interleave(items.m, dim=0)
-        t = items.t[torch.from_numpy(rows)].reshape(-1)
-        eps = items.noise(rows).reshape(b * items.m, items.draws, *shape)
-        g = grads(x0.to(grads.device), t.to(grads.device), eps.to(grads.device))
-        out[start : start + b] = g.reshape(b, items.m, -1).mean(dim=1)
-    return out
+    parts = [
+        g
+        for _, g in mean_gradient_chunks(
+            items, grads, max(1, items.n), batch_size, progress, "query gradients"
+        )
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, grads.dim, device=grads.device)

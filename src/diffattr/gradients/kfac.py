@@ -267,7 +267,8 @@ def _layer_passes(
             def record(module, args, output):
                 if name in recorded:
                     raise ValueError(f"layer {name} ran twice in one forward; K-FAC needs one call")
-                recorded[name] = (args[0].detach(), output)
+                a = args[0].detach()
+                recorded[name] = (a, output, a._version, output._version)
 
             return record
 
@@ -284,6 +285,14 @@ def _layer_passes(
             raise ValueError(
                 f"layers {skipped[:5]} did not run in the forward pass: K-FAC would leave them "
                 "out of the curvature"
+            )
+        stale = [
+            n for n, (a, y, va, vy) in recorded.items() if a._version != va or y._version != vy
+        ]
+        if stale:
+            raise RuntimeError(
+                f"layers {stale[:5]} had their input or output modified in place after they ran, "
+                "so the recorded activations are stale; make those operations out of place"
             )
         names = list(layers)
         inputs = {n: layer_inputs(layers[n], recorded[n][0]) for n in names}
@@ -593,3 +602,76 @@ def preconditioned_features(
     if not parts:
         raise ValueError("no query gradients: query_grads is empty")
     return torch.cat(parts, dim=1)
+
+
+def _rotated_flat(kfac: KFAC, model: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+    """Gradients [B, D] (named_parameters order) rotated into every layer's eigenbasis and
+    concatenated: [B, Dc] float64, Dc = Σ dout·din over the curvature layers (GroupNorm
+    coordinates dropped), in the order of `kfac.G`."""
+    blocks = layer_blocks(flat, model)
+    parts = []
+    for name in kfac.G:
+        _, q_g, _, q_a = (x.to(flat.device) for x in kfac.eigenbasis(name))
+        parts.append((q_g.T @ blocks[name].double() @ q_a).reshape(len(flat), -1))
+    return torch.cat(parts, dim=1)
+
+
+def streamed_influence(
+    kfac: KFAC | Sequence[KFAC],
+    model: nn.Module,
+    query_grads: torch.Tensor,
+    train_chunks: Iterable[tuple[np.ndarray, torch.Tensor]],
+    n_train: int,
+    dampings: float | Sequence[float] | torch.Tensor | np.ndarray,
+) -> torch.Tensor:
+    """Exact IF(q, j) = ∇m(q)ᵀ (K + λI)⁻¹ ∇ℓ(x_j) for every damping, on full gradients that are
+    never stored: [L, Q, N] float64 (> 0: proponent); [S, L, Q, N] for S curvatures.
+
+    kfac: one fit, or several sharing one eigenbasis (K-FAC and EK-FAC of the same factors:
+    one pass over the training set serves both); query_grads: [Q, D] flattened full gradients
+    (named_parameters order); train_chunks yields (rows [b] int, gradients [b, D]) covering the
+    N training samples once, e.g. from `extraction.mean_gradient_chunks`. In each layer's
+    eigenbasis the influence is Σ rot(q) ⊙ rot(g) / (eigenvalues + λ), so the queries are
+    rotated once, each training chunk once, and every (curvature, λ) costs one [Q, Dc] × [Dc, b]
+    product (float32; the rotations float64). Memory: Q·Dc + b·D + b·Dc numbers, whatever N and
+    L. GroupNorm coordinates contribute nothing, as in `precondition`.
+    """
+    fits = [kfac] if isinstance(kfac, KFAC) else list(kfac)
+    base = fits[0]
+    for other in fits[1:]:
+        if other.G.keys() != base.G.keys() or any(
+            not torch.equal(other.G[n], base.G[n]) or not torch.equal(other.A[n], base.A[n])
+            for n in base.G
+        ):
+            raise ValueError("the curvatures must share their Kronecker factors (one eigenbasis)")
+    lambdas = check_dampings(dampings)
+    if query_grads.ndim != 2:
+        raise ValueError(f"query_grads must be [Q, D], got shape {list(query_grads.shape)}")
+    shapes = {n: tuple(b.shape[1:]) for n, b in layer_blocks(query_grads[:1], model).items()}
+    fitted = {n: (len(base.G[n]), len(base.A[n])) for n in base.G}
+    if shapes != fitted:
+        raise ValueError(
+            "the model's Linear / Conv2d layers differ from those K-FAC was fitted on "
+            f"(e.g. {sorted(set(shapes.items()) ^ set(fitted.items()))[:3]}); pass the fitted model"
+        )
+    device = query_grads.device
+    rotated_queries = _rotated_flat(base, model, query_grads)  # [Q, Dc]
+    weighted = []
+    for fit in fits:
+        curvature = torch.cat([fit.eigenvalues(n).to(device).reshape(-1) for n in base.G])
+        weighted.append([(rotated_queries / (curvature + lam)).float() for lam in lambdas])
+    out = torch.zeros(len(fits), len(lambdas), len(query_grads), n_train, dtype=torch.float64)
+    seen = np.zeros(n_train, bool)
+    for rows, chunk in train_chunks:
+        rows = np.asarray(rows, np.int64)
+        if seen[rows].any():
+            raise ValueError(f"training rows {rows[seen[rows]][:5].tolist()} came twice")
+        seen[rows] = True
+        rotated = _rotated_flat(base, model, chunk.to(device)).float().T  # [Dc, b]
+        cols = torch.from_numpy(rows)
+        for s, per_lambda in enumerate(weighted):
+            for i, w in enumerate(per_lambda):
+                out[s, i][:, cols] = (w @ rotated).double().cpu()
+    if not seen.all():
+        raise ValueError(f"{int((~seen).sum())} of {n_train} training rows were never given")
+    return out[0] if isinstance(kfac, KFAC) else out

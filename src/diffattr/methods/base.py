@@ -17,7 +17,7 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffattr.artifacts.gradient_index import GradientIndex
 from diffattr.artifacts.queries import QuerySet
@@ -25,6 +25,9 @@ from diffattr.artifacts.scores import Scores
 from diffattr.artifacts.training_run import TrainingRun
 from diffattr.data.datasets import ImageDataset
 from diffattr.diffusion.replay import ReplayLog
+
+if TYPE_CHECKING:  # evaluation sits above methods; only the type is needed here
+    from diffattr.evaluation.measurement import MeasurementDraws
 
 
 @dataclass
@@ -34,6 +37,8 @@ class MethodInputs:
     gradients: stage 2's index (its queries are the scores' rows, its training ids the columns);
     run: stage 1's training run; train: the training set (images in the columns' order);
     queries: the query images in the rows' order. `device` for methods that compute gradients.
+    measurement: the K (t, ε) draws of m(θ, q) per query (stage 5's measurement), for methods
+    that take the measurement's own gradient (K-FAC); None where not defined.
     """
 
     gradients: GradientIndex
@@ -41,6 +46,7 @@ class MethodInputs:
     train: ImageDataset
     queries: QuerySet
     device: str = "cpu"
+    measurement: MeasurementDraws | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffattr.data.datasets import ImageDataset
-from diffattr.devices import resolve_device
+from diffattr.devices import determinism_settings, resolve_device
 from diffattr.diffusion.training import train
 from diffattr.retraining.jobs import RetrainJob, retrain_seed
 from diffattr.retraining.store import ModelStore, StoreMismatchError, ids_hash, store_settings
@@ -137,6 +137,7 @@ def _train_and_commit(
         "device": str(next(result.ema.parameters()).device),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        "runtime": determinism_settings(),  # CUDA / cuDNN versions, GPU, determinism flags
         "host": socket.gethostname(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

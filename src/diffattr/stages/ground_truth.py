@@ -20,9 +20,10 @@ from diffattr.artifacts.ground_truth import GroundTruth
 from diffattr.artifacts.training_run import TrainingRun
 from diffattr.devices import resolve_device
 from diffattr.evaluation.lds import LDSResult, seed_vs_rest
-from diffattr.evaluation.measurement import measure, measurement_draws
+from diffattr.evaluation.measurement import measure
 from diffattr.params import Params
 from diffattr.retraining import ModelStore, SlurmOptions, lds_jobs, retrain, store_settings
+from diffattr.stages.inputs import query_measurement
 from diffattr.stages.train import write_metrics
 
 LDS_STORE = "lds"
@@ -99,15 +100,7 @@ def run(
     device = resolve_device(P.device)
     model_cfg = run_.settings["model"]
     abar = run_.alphas_cumprod()
-    draws = measurement_draws(
-        queries.kind,
-        queries.key,
-        tuple(queries.images.shape[1:]),
-        r.measure_draws,
-        r.measure_seed,
-        model_cfg["num_train_timesteps"],
-        r.t_sampling,
-    )
+    draws = query_measurement(P, run_, queries)
 
     def measured(model) -> np.ndarray:
         return measure(model, queries.images, draws, abar, model_cfg["loss"], device=device)

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from diffattr.artifacts.gradient_index import GradientIndex
+from diffattr.artifacts.queries import QuerySet
 from diffattr.artifacts.scores import Scores
 from diffattr.artifacts.training_run import TrainingRun
 from diffattr.devices import resolve_device
+from diffattr.evaluation.measurement import MeasurementDraws, measurement_draws
 from diffattr.methods import MethodInputs, MethodSpec
 from diffattr.params import Params
 
@@ -22,7 +24,23 @@ def method_inputs(P: Params, train_dir: str | Path, gradient_dir: str | Path) ->
     train = P.data.load("train")
     run.check_dataset(train)
     queries = run.query_set(P.data.load("heldout"), P.gradients.heldout_queries)
-    return MethodInputs(index, run, train, queries, str(resolve_device(P.device)))
+    device = str(resolve_device(P.device))
+    return MethodInputs(index, run, train, queries, device, query_measurement(P, run, queries))
+
+
+def query_measurement(P: Params, run: TrainingRun, queries: QuerySet) -> MeasurementDraws:
+    """The K (t, ε) draws of m(θ, q) for each query (`retrain.measure_*`): what stage 5
+    measures every model on, and what K-FAC's query side differentiates."""
+    r = P.retrain
+    return measurement_draws(
+        queries.kind,
+        queries.key,
+        tuple(queries.images.shape[1:]),
+        r.measure_draws,
+        r.measure_seed,
+        run.settings["model"]["num_train_timesteps"],
+        r.t_sampling,
+    )
 
 
 def score_all(

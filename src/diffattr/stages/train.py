@@ -13,7 +13,7 @@ import torch
 
 from diffattr.artifacts.training_run import QUERIES_FILE, TrainingRun
 from diffattr.data.datasets import ImageDataset
-from diffattr.devices import resolve_device
+from diffattr.devices import determinism_settings, resolve_device
 from diffattr.diffusion.sampling import generate, save_queries
 from diffattr.diffusion.schedule import build_scheduler
 from diffattr.diffusion.training import TrainResult, train
@@ -108,10 +108,14 @@ def run(
 
 
 def write_metrics(report_dir: str | Path, metrics: dict) -> Path:
-    """`report_dir/metrics.json` (tracked by DVC: `dvc metrics show`); NaN written as null."""
+    """`report_dir/metrics.json` (tracked by DVC: `dvc metrics show`); NaN written as null.
+
+    Adds `runtime`: the torch / CUDA / cuDNN versions, the GPU and the determinism flags this
+    process ran under (`devices.determinism_settings`), what "same numbers" depends on."""
     path = Path(report_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(metrics), indent=2, default=str, allow_nan=False))
+    payload = {**metrics, "runtime": determinism_settings()}
+    path.write_text(json.dumps(_plain(payload), indent=2, default=str, allow_nan=False))
     return path
 
 
