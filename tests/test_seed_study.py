@@ -43,7 +43,7 @@ def _metrics(band: float, gi: int, verdict: str, retrac_gi: int = 3) -> tuple[di
             }
         ],
         "spearman_norm_vs_topk": {"tracin": 0.3},
-        "findings": [{"claim": "TracIn is biased", "verdict": "holds"}],
+        "findings": [{"claim": "TracIn is biased", "verdict": "holds", "ours": f"{band:.0%}"}],
     }
     m4 = {
         "specificity": [
@@ -58,7 +58,7 @@ def _metrics(band: float, gi: int, verdict: str, retrac_gi: int = 3) -> tuple[di
         ],
         "sweep": _sweep(retrac_gi),
         "image_tracing": [{"method": "tracin", "rank1_share": 0.0, "median_rank": 300.0}],
-        "findings": [{"claim": "ReTrac is more specific", "verdict": verdict}],
+        "findings": [{"claim": "ReTrac is more specific", "verdict": verdict, "ours": "k=1"}],
     }
     return m3, m4
 
@@ -113,6 +113,21 @@ def test_a_claim_holds_across_seeds_only_if_every_run_says_so():
     flipped = claims["ReTrac is more specific"]
     assert flipped["across_seeds"] == "mixed" and not flipped["agree"]
     assert flipped["verdicts"]["train1"] == "mixed"
+    per_method = claims["tracin's top-k band share matches the base rate"]
+    assert per_method["verdicts"]["proj0"] == "fails" and per_method["ours"]["proj0"] == "above"
+    m3, m4 = _metrics(0.25, 2, "holds")
+    m3["per_query_kind"].append({**m3["per_query_kind"][0], "queries": "heldout"})
+    m3["per_query_kind"][0]["vs_base_rate"] = "within"  # within for one query kind of two
+    derived = {c["claim"]: c for c in summarise({**RESULTS, "train1": (m3, m4)})["claims"]}
+    per_method = derived["tracin's top-k band share matches the base rate"]
+    assert per_method["verdicts"]["train1"] == "mixed" and per_method["across_seeds"] == "mixed"
+    assert per_method["ours"]["train1"] == "within, above"
+    assert claims["TracIn is biased"]["ours"] == {  # same verdict, each run's own finding
+        "proj0": "40%",
+        "proj1": "50%",
+        "proj2": "45%",
+        "train1": "30%",
+    }
 
 
 def test_missing_runs_are_listed_and_the_default_run_is_required():
@@ -152,6 +167,7 @@ def test_collect_writes_metrics_a_csv_a_markdown_table_and_a_figure(tmp_path):
     )
     assert "| retrac vs tracin | all | 2 of 4 | 2 of 4 | 2.0 [2–2] | 0 of 4 |" in table
     assert "| ReTrac is more specific | holds | holds | mixed | **mixed** |" in table
+    assert "| TracIn is biased | 40% | 50% | 30% |" in table.split("## What each run found")[1]
     with (out / "table.csv").open() as f:
         rows = list(csv.DictReader(f))
     band = next(r for r in rows if r["quantity"] == "band_share")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffattr.evaluation.uncertainty import verdict
+
 REPORTS = {"timestep_bias": "03_timestep_bias", "retrac": "04_retrac"}
 METRICS = "metrics.json"
 
@@ -127,9 +129,21 @@ def headline(m3: dict, m4: dict) -> dict[Key, dict]:
     return rows
 
 
-def verdicts(m3: dict, m4: dict) -> dict[str, str]:
-    """{claim: holds | mixed | fails} of one run's findings (stages 3 and 4)."""
-    return {f["claim"]: f["verdict"] for f in [*m3["findings"], *m4["findings"]]}
+def verdicts(m3: dict, m4: dict) -> dict[str, tuple[str, str]]:
+    """{claim: (holds | mixed | fails, what the run found)} of one run: stages 3-4's findings,
+    then one claim per method, "<method>'s band share matches the base rate" (holds when its
+    interval contains the base rate for every query kind, as stage 3 counts)."""
+    found = {f["claim"]: (f["verdict"], f["ours"]) for f in [*m3["findings"], *m4["findings"]]}
+    per_method: dict[str, list[str]] = {}
+    for r in m3["per_query_kind"]:
+        per_method.setdefault(r["method"], []).append(r["vs_base_rate"])
+    for method, found_vs in per_method.items():
+        hits = sum(v == "within" for v in found_vs)
+        found[f"{method}'s top-k band share matches the base rate"] = (
+            verdict(hits, len(found_vs)),
+            ", ".join(found_vs),
+        )
+    return found
 
 
 def across_runs(found: dict[str, str]) -> str:
@@ -145,7 +159,7 @@ def summarise(results: dict[str, tuple[dict, dict]], runs: tuple[SeedRun, ...] =
     numbers: one row per quantity × method × query kind with each run's value (and 95% CI or
     count of points) and, for numbers, mean / min / max over the runs that share the first
     run's training seed (the projection seeds). claims: each claim's verdict per run and
-    `across_seeds` (the common verdict, or mixed when runs disagree).
+    `across_seeds` (the common verdict, or mixed when runs disagree), and what each run found.
     """
     present = tuple(r for r in runs if r.name in results)
     if not present or present[0] != runs[0]:
@@ -172,13 +186,15 @@ def summarise(results: dict[str, tuple[dict, dict]], runs: tuple[SeedRun, ...] =
     per_run_verdicts = {name: verdicts(*results[name]) for name in names}
     claims = []
     for claim in per_run_verdicts[names[0]]:
-        found = {name: per_run_verdicts[name].get(claim, "absent") for name in names}
+        runs_ = {name: per_run_verdicts[name].get(claim, ("absent", "")) for name in names}
+        found = {name: v for name, (v, _) in runs_.items()}
         claims.append(
             {
                 "claim": claim,
                 "verdicts": found,
                 "across_seeds": across_runs(found),
                 "agree": len(set(found.values())) == 1,
+                "ours": {name: ours for name, (_, ours) in runs_.items()},
             }
         )
     return {
@@ -282,6 +298,11 @@ def to_markdown(summary: dict) -> str:
     for c in summary["claims"]:
         found = " | ".join(c["verdicts"][n] for n in order)
         lines.append(f"| {c['claim']} | {found} | **{c['across_seeds']}** |")
+    lines += ["", "## What each run found", ""]
+    lines += ["| claim | " + " | ".join(_title(runs[n]) for n in order) + " |"]
+    lines += ["|---|" + "---|" * len(order)]
+    for c in summary["claims"]:
+        lines.append(f"| {c['claim']} | " + " | ".join(c["ours"][n] for n in order) + " |")
     return "\n".join(lines) + "\n"
 
 
