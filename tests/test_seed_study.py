@@ -32,6 +32,7 @@ def _metrics(band: float, gi: int, verdict: str, retrac_gi: int = 3) -> tuple[di
     """Stage 3 and 4 metrics of one run with one method (tracin), in the stages' format."""
     m3 = {
         "base_band_share": 0.25,
+        "profile_max_over_min": 10.0 + band,
         "per_query_kind": [
             {
                 "method": "tracin",
@@ -95,6 +96,7 @@ def test_numbers_spread_over_the_projection_seeds_only():
     assert band["runs"]["proj1"]["low"] == pytest.approx(0.48)
     assert band["projection"]["mean"] == pytest.approx(0.45)  # train1's 0.30 left out
     assert (band["projection"]["min"], band["projection"]["max"]) == (0.40, 0.50)
+    assert _row(summary, "profile_max_over_min")["projection"]["max"] == pytest.approx(10.5)
     gi = _row(summary, "generally_influential")
     assert gi["projection"] == {"mean": 6.0, "min": 5.0, "max": 7.0}
     fewer = _row(summary, "retrac_fewer_gi")

@@ -48,6 +48,7 @@ RUNS = (
 # quantity: (label, format); pct = share, num = 3 decimals, int = count, text = as is
 LABELS = {
     "base_rate": ("base rate of the large-norm band (t < band edge)", "pct"),
+    "profile_max_over_min": ("norm profile: max / min over t of the mean gradient norm", "num"),
     "band_share": ("top-k slots in the large-norm band [95% CI] (vs base rate)", "pct"),
     "spearman": ("Spearman(norm mass, top-k count)", "num"),
     "unique_ratio": ("unique ratio at k = top_k [95% CI]", "num"),
@@ -101,6 +102,7 @@ def sweep_counts(sweep: list[dict]) -> dict[str, tuple[int, int]]:
 def headline(m3: dict, m4: dict) -> dict[Key, dict]:
     """{(quantity, method, queries): {value[, low, high, of]}} of one run's stage 3-4 metrics."""
     rows: dict[Key, dict] = {("base_rate", "", ""): {"value": m3["base_band_share"]}}
+    rows[("profile_max_over_min", "", "")] = {"value": m3["profile_max_over_min"]}
     for r in m3["per_query_kind"]:
         key = (r["method"], r["queries"])
         rows[("band_share", *key)] = {
