@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -18,6 +19,7 @@ from diffattr.evaluation.lds import (
     split_queries,
     subset_predictions,
 )
+from diffattr.stages.lds import removal_findings
 
 
 def _linear_datamodel(seed: int, n_query=9, n_train=40, n_subsets=30, noise=0.0, n_seeds=1):
@@ -258,3 +260,34 @@ def test_choose_damping_refuses_a_bad_split_or_values():
     bad[1, 3, 0] = np.nan
     with pytest.raises(ValueError, match=r"index 1.*rows \[3\]"):
         choose_damping(bad, actual, [1.0, 2.0], (half_a, half_b))
+
+
+def _removal(changes: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"query": q, "method": m, "k": 32, "loss_change": v}
+            for m, values in changes.items()
+            for q, v in enumerate(values)
+        ]
+    )
+
+
+def test_removal_claims_are_paired_over_queries_with_an_interval():
+    method = [0.004, 0.006, 0.005, 0.007]
+    random = [0.001, 0.002, 0.0, 0.001]
+    (row,) = removal_findings(_removal({"ekfac": method, "random": random}))
+    diff = np.subtract(method, random)
+    sem = diff.std(ddof=1) / math.sqrt(len(diff))
+    assert f"{diff.mean():+.4f} ± {sem:.4f}" in row["ours"]
+    assert row["verdict"] == "holds"  # z = 0.00425 / 0.00048 ≈ 8.9
+    (flipped,) = removal_findings(_removal({"ekfac": random, "random": method}))
+    assert flipped["verdict"] == "fails"
+    noisy = removal_findings(_removal({"ekfac": [0.01, -0.01, 0.0], "random": [0, 0, 0.001]}))
+    assert noisy[0]["verdict"] == "mixed"
+
+
+def test_removal_claims_on_two_queries_are_not_resolved():
+    (row,) = removal_findings(_removal({"ekfac": [0.002, 0.001], "random": [0.0, 0.001]}))
+    assert row["verdict"] == "not resolved (2 queries)"
+    assert "over 2 queries" in row["ours"]
+    assert removal_findings(_removal({"ekfac": [0.1, 0.2]})) == []  # no random baseline

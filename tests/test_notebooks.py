@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import papermill as pm
 import pytest
+import yaml
 
 from diffattr.artifacts.scores import Scores
 from diffattr.storage.arrays import load_store
@@ -42,6 +44,19 @@ SMOKE = {
         "removal_methods": ["ekfac"],
     },
 }
+
+
+DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def assert_declared_plots(work: Path, stage: str) -> None:
+    """Every plot file dvc.yaml declares for the stage was written, with its x and y columns."""
+    declared = DVC_STAGES[stage].get("plots", [])
+    assert declared, f"dvc.yaml declares no plots for stage {stage!r}"
+    for entry in declared:
+        ((path, spec),) = entry.items()
+        frame = pd.read_csv(work / path)
+        assert len(frame) and {spec["x"], spec["y"]} <= set(frame.columns), path
 
 
 def run_stage(notebook: str, work: Path, **paths: str) -> None:
@@ -83,6 +98,7 @@ def test_train_notebook_writes_checkpoints_queries_figures_and_metrics(trained):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["n_train"] == 40 and metrics["n_queries"] == 4
     assert np.isfinite(metrics["final_loss"])
+    assert_declared_plots(trained, "train")
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +133,7 @@ def test_gradients_notebook_writes_complete_stores_with_exact_norms(gradients):
     assert metrics["gradients"] > 0 and metrics["n_params"] == raw_settings["n_params"]
     for name in ("norm_over_t_one_sample", "norm_profile"):
         assert (gradients / "reports" / "02_gradients" / "figures" / f"{name}.png").exists()
+    assert_declared_plots(gradients, "gradients")
 
 
 STAGE_3_4_PATHS = {
@@ -151,6 +168,7 @@ def test_timestep_bias_notebook_saves_scores_figures_and_metrics(bias):
     names = ("norm_profile_band", "norm_vs_topk", "replayed_t_of_proponents", "band_shares")
     for name in names:
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
+    assert_declared_plots(gradients, "timestep_bias")
 
 
 @pytest.mark.notebook
@@ -166,6 +184,7 @@ def test_retrac_notebook_compares_methods_and_writes_metrics(bias):
     assert all(f["verdict"] in VERDICTS for f in metrics["findings"])
     for name in ("specificity", "top_proponents"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
+    assert_declared_plots(gradients, "retrac")
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +236,4 @@ def test_lds_notebook_scores_every_method_and_retrains_without_top_proponents(gr
     assert {r["method"] for r in metrics["removal"]} == {"random", "ekfac"}
     for name in ("lds", "lds_vs_damping"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
+    assert_declared_plots(ground_truth, "lds")

@@ -8,12 +8,15 @@ parameter names; their values come from the notebook (defaults) or from `-p` on 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 # Set (to "1") by the stage runner in the kernel's environment: outputs are the pipeline's own.
 RUNNER_ENV = "DIFFATTR_STAGE_RUNNER"
 SCRATCH = "scratch"  # where an interactive run writes instead of DVC-tracked outputs
+# Moves that folder (relative to the project root), e.g. `make check-reports` uses its own.
+SCRATCH_ENV = "DIFFATTR_SCRATCH"
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,15 @@ STAGES: dict[str, StageInfo] = {
     )
 }
 
-# Files and folders a stage writes into its report folder (DVC outs with `cache: false`).
-REPORT_FIGURES, REPORT_METRICS = "figures", "metrics.json"
+# Files and folders a stage writes into its report folder (DVC outs with `cache: false`):
+# figures, metrics.json, and plots/ (CSV data behind the key figures, `dvc plots show`).
+REPORT_FIGURES, REPORT_METRICS, REPORT_PLOTS = "figures", "metrics.json", "plots"
+
+
+def scratch_folder() -> str:
+    """Where interactive runs write instead of DVC-tracked outputs: `$DIFFATTR_SCRATCH`, or
+    `scratch` (both relative to the project root)."""
+    return os.environ.get(SCRATCH_ENV) or SCRATCH
 
 
 def stage_info(name: str) -> StageInfo:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from diffattr.artifacts.gradient_index import (
@@ -51,7 +52,7 @@ from diffattr.gradients.items import (
 )
 from diffattr.gradients.projection import Projector, make_projector
 from diffattr.params import Params
-from diffattr.stages.train import write_metrics
+from diffattr.stages.train import write_metrics, write_plot_data
 from diffattr.storage.arrays import ArrayStore, StoreMismatchError
 from diffattr.storage.checkpoints import (
     checkpoint_name,
@@ -400,4 +401,22 @@ def run(
         "device": index.data["device"],
     }
     write_metrics(report_dir, metrics)
+    write_plot_data(report_dir, "norm_profile", norm_profile_data(grid, profiles))
     return GradientStageResult(index, grid, profiles, one, metrics)
+
+
+def norm_profile_data(grid: np.ndarray, profiles: dict[int, np.ndarray]) -> pd.DataFrame:
+    """The norm profile's data at the last checkpoint (`dvc plots`; the band of stage 3 is
+    defined there): one row per grid timestep t with the mean exact gradient norm over samples
+    and draws and its 10% / 90% quantiles. profiles: step → norms [n_samples, M, draws]."""
+    step = max(profiles)
+    norms = profiles[step].transpose(1, 0, 2).reshape(len(grid), -1)  # [M, n_samples·draws]
+    return pd.DataFrame(
+        {
+            "checkpoint": step,
+            "t": np.asarray(grid),
+            "mean_norm": norms.mean(axis=1),
+            "q10_norm": np.quantile(norms, 0.1, axis=1),
+            "q90_norm": np.quantile(norms, 0.9, axis=1),
+        }
+    )

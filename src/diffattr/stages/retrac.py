@@ -19,7 +19,7 @@ from diffattr.evaluation.uncertainty import bootstrap_ci, verdict
 from diffattr.methods import MethodInputs
 from diffattr.params import Params
 from diffattr.stages.inputs import load_scores, method_inputs
-from diffattr.stages.train import write_metrics
+from diffattr.stages.train import write_metrics, write_plot_data
 
 QUERY_KINDS = ("generated", "heldout")
 
@@ -231,4 +231,20 @@ def run(
         "findings": found.to_dict(orient="records"),
     }
     write_metrics(report_dir, out)
+    for name, frame in specificity_data(out).items():
+        write_plot_data(report_dir, name, frame)
     return RetracResult(inputs, scores, specificity, sweep, outliers, tracing, found, out)
+
+
+def specificity_data(metrics: dict) -> dict[str, pd.DataFrame]:
+    """The specificity sweep's data (`dvc plots`), from the stage's metrics, as the figure shows
+    it: `specificity_vs_k` (unique ratio and generally influential count against k, at the
+    default τ) and `specificity_vs_tau` (generally influential against τ, at the default k);
+    one row per method and point."""
+    sweep = pd.DataFrame(metrics["sweep"])
+    at_tau = sweep[np.isclose(sweep["tau"], metrics["tau"])]
+    at_k = sweep[sweep["k"] == metrics["top_k"]]
+    return {
+        "specificity_vs_k": at_tau[["method", "k", "unique_ratio", "generally_influential"]],
+        "specificity_vs_tau": at_k[["method", "tau", "generally_influential"]],
+    }

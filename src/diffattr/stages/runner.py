@@ -33,6 +33,7 @@ import yaml
 from diffattr.stages.catalog import (
     REPORT_FIGURES,
     REPORT_METRICS,
+    REPORT_PLOTS,
     RUNNER_ENV,
     STAGES,
     StageInfo,
@@ -102,6 +103,7 @@ def report_files(report_dir: Path, info: StageInfo) -> list[Path]:
         report_dir / f"{info.notebook}.ipynb",
         report_dir / REPORT_FIGURES,
         report_dir / REPORT_METRICS,
+        report_dir / REPORT_PLOTS,
     ]
 
 

@@ -10,7 +10,8 @@ notebook uses, and where it writes.
 - **Never silently overwrites the pipeline's outputs.** Outside the stage runner (the one that
   `dvc repro` calls, which sets `DIFFATTR_STAGE_RUNNER=1`), an output folder that is a
   DVC-tracked output of `dvc.yaml` is replaced by the same path under `scratch/<notebook>/`
-  (git-ignored), and the notebook says so. Folders given explicitly elsewhere are kept.
+  (git-ignored; `$DIFFATTR_SCRATCH` moves it), and the notebook says so. Folders given
+  explicitly elsewhere are kept.
 - **Checks up front.** The parameters are resolved and checked against the training-set size
   (`attribution.top_k` ≤ n_train after `data.max_train`) before any work.
 """
@@ -25,7 +26,7 @@ import yaml
 from diffattr import params as params_lib
 from diffattr.data.datasets import dataset_size
 from diffattr.params import Params
-from diffattr.stages.catalog import RUNNER_ENV, SCRATCH, find_project_root, stage_info
+from diffattr.stages.catalog import RUNNER_ENV, find_project_root, scratch_folder, stage_info
 
 
 def start(stage: str, params_file: str | None, overrides: dict | None, *folders: str) -> tuple:
@@ -52,7 +53,7 @@ def start(stage: str, params_file: str | None, overrides: dict | None, *folders:
     for key, value in zip(names, folders, strict=True):
         path = value
         if key in info.outputs and _overlaps(Path(value), tracked):
-            path = str(Path(SCRATCH) / info.notebook / _relative(Path(value), root))
+            path = str(Path(scratch_folder()) / info.notebook / _relative(Path(value), root))
             redirected.append(key)
         resolved[key] = path
     _describe(info.notebook, params_file, overrides, P, resolved, info.inputs, redirected)
@@ -103,8 +104,9 @@ def _describe(
         role = "input " if key in inputs else "output"
         print(f"{role} {key} = {value}")
     if redirected:
+        moved = f"{scratch_folder()}/{notebook}/"
         print(
-            f"Interactive run: {', '.join(redirected)} moved under {SCRATCH}/{notebook}/ so that "
-            "the DVC-tracked outputs stay as dvc repro made them. To update those, run "
+            f"Interactive run: {', '.join(redirected)} moved under {moved} so that the "
+            "DVC-tracked outputs stay as dvc repro made them. To update those, run "
             "`dvc repro` (or `python -m diffattr.stage <name>`)."
         )

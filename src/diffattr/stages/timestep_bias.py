@@ -24,7 +24,7 @@ from diffattr.evaluation.uncertainty import bootstrap_ci, compare_to, verdict
 from diffattr.methods import MethodInputs
 from diffattr.params import Params
 from diffattr.stages.inputs import method_inputs, score_all
-from diffattr.stages.train import write_metrics
+from diffattr.stages.train import write_metrics, write_plot_data
 
 QUERY_KINDS = ("generated", "heldout")
 
@@ -230,4 +230,23 @@ def run(
         "findings": found.to_dict(orient="records"),
     }
     write_metrics(report_dir, out)
+    write_plot_data(report_dir, "band_shares", band_share_data(out))
     return TimestepBiasResult(inputs, norms, spans, scores, counts, table, found, base_rate, out)
+
+
+def band_share_data(metrics: dict) -> pd.DataFrame:
+    """The band-share figure's data (`dvc plots`), from the stage's metrics: one row per method
+    and query kind with the share of its top-k slots in the large-norm band, its bootstrap
+    interval and the base rate; `label` ("tracin (generated)") names the bar."""
+    rows = pd.DataFrame(metrics["per_query_kind"])
+    return pd.DataFrame(
+        {
+            "label": rows["method"] + " (" + rows["queries"] + ")",
+            "method": rows["method"],
+            "queries": rows["queries"],
+            "band_share": rows["topk_slots_in_band"],
+            "ci_low": rows["band_ci_low"],
+            "ci_high": rows["band_ci_high"],
+            "base_rate": metrics["base_band_share"],
+        }
+    )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from diffattr.artifacts.training_run import QUERIES_FILE, TrainingRun
@@ -18,6 +19,7 @@ from diffattr.diffusion.sampling import generate, save_queries
 from diffattr.diffusion.schedule import build_scheduler
 from diffattr.diffusion.training import TrainResult, train
 from diffattr.params import Params
+from diffattr.stages.catalog import REPORT_PLOTS
 
 
 @dataclass
@@ -104,7 +106,13 @@ def run(
         "device": str(device),
     }
     write_metrics(report_dir, metrics)
+    write_plot_data(report_dir, "loss_curve", loss_curve_data(result.loss_history))
     return TrainStageResult(dataset, result, run_, by_step, queries, metrics)
+
+
+def loss_curve_data(loss_history: np.ndarray) -> pd.DataFrame:
+    """The loss curve's data (`dvc plots`): columns step (1-based), loss (mean over the batch)."""
+    return pd.DataFrame({"step": np.arange(1, len(loss_history) + 1), "loss": loss_history})
 
 
 def write_metrics(report_dir: str | Path, metrics: dict) -> Path:
@@ -116,6 +124,16 @@ def write_metrics(report_dir: str | Path, metrics: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**metrics, "runtime": determinism_settings()}
     path.write_text(json.dumps(_plain(payload), indent=2, default=str, allow_nan=False))
+    return path
+
+
+def write_plot_data(report_dir: str | Path, name: str, frame: pd.DataFrame) -> Path:
+    """`report_dir/plots/<name>.csv`: the data behind one of the report's key figures, declared
+    under `plots:` in dvc.yaml (`dvc plots show`, `dvc plots diff` between experiments).
+    Floats to 6 significant digits; NaN as an empty field."""
+    path = Path(report_dir) / REPORT_PLOTS / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.6g", lineterminator="\n")
     return path
 
 
