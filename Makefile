@@ -113,7 +113,9 @@ outliers-flat: env
 # Uncertainty over seeds (issue 9): stages 3-4 of the default run (projection seed 0); stage 2
 # rerun with gradients.projection_seed 1 and 2, stages 3-4 on each; a second training seed
 # (train.seed 1: stages 1-4). Each run in data/seeds/<run>/ (git-ignored, reports included);
-# their stage 3-4 headline numbers and verdicts collected into reports/seeds/ (committed).
+# their stage 3-4 headline numbers, intervals and verdicts collected into reports/seeds/
+# (committed: metrics.json, table.csv, README.md, figures/seed_spread.png) by
+# diffattr.evaluation.seed_study. About 15 minutes on an idle 2-core machine.
 # Reuses the default run's data/train and data/gradients (made by dvc repro when missing).
 SEEDS := data/seeds
 # Stages 3-4 of one run: $(1) its folder under $(SEEDS), $(2) overrides, $(3) train dir,
