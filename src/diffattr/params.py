@@ -285,6 +285,7 @@ _CIFAR_TRAIN = {
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {},
     "digits_outliers": {"data": {"dataset": "digits_outliers"}},
+    "digits_outliers_flat": {"data": {"dataset": "digits_outliers_flat"}},
     "cifar2": {
         "data": {"dataset": "cifar2"},
         "model": {"unet": "ddpm_cifar10"},
