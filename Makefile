@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: env repro test test-dvc lint notebooks-clean outliers check-reports memorisation memorise
+.PHONY: env repro test test-dvc lint notebooks-clean outliers outliers-photo outliers-flat seeds check-reports memorisation memorise
 
 env: $(STAMP)
 
@@ -86,20 +86,66 @@ check-reports: env
 notebooks-clean: env
 	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
 
-# The outlier study ([ReTrac] §5) on CPU: stages 1-4 under `profile: digits_outliers`, outputs
-# in data/outliers/ (git-ignored) and reports/digits_outliers/ (committed).
-OUTLIERS := -p params_file params.yaml -p overrides "{profile: digits_outliers}"
-outliers: env
-	$(BIN)/python -m diffattr.stage train $(OUTLIERS) -p out_dir data/outliers/train \
-	  -p report_dir reports/digits_outliers/01_train
-	$(BIN)/python -m diffattr.stage gradients $(OUTLIERS) -p train_dir data/outliers/train \
-	  -p out_dir data/outliers/gradients -p report_dir reports/digits_outliers/02_gradients
-	$(BIN)/python -m diffattr.stage timestep_bias $(OUTLIERS) -p train_dir data/outliers/train \
-	  -p gradient_dir data/outliers/gradients -p scores_dir data/outliers/scores \
-	  -p report_dir reports/digits_outliers/03_timestep_bias
-	$(BIN)/python -m diffattr.stage retrac $(OUTLIERS) -p train_dir data/outliers/train \
-	  -p gradient_dir data/outliers/gradients -p scores_dir data/outliers/scores \
-	  -p report_dir reports/digits_outliers/04_retrac
+# The outlier study ([ReTrac] §5) on CPU, for two outlier kinds: stages 1-4 under profile
+# digits_outliers (64 photo patches, more complex than digits: data/outliers/, git-ignored, and
+# reports/digits_outliers/, committed) and digits_outliers_flat (64 near-constant images,
+# simpler: data/outliers_flat/, reports/digits_outliers_flat/).
+STAGE := $(BIN)/python -m diffattr.stage
+# Stages 1-4 under $(1) a profile, into $(2) a data folder and $(3) a report folder.
+define OUTLIER_STUDY
+	$(STAGE) train -p params_file params.yaml -p overrides "{profile: $(1)}" \
+	  -p out_dir $(2)/train -p report_dir $(3)/01_train
+	$(STAGE) gradients -p params_file params.yaml -p overrides "{profile: $(1)}" \
+	  -p train_dir $(2)/train -p out_dir $(2)/gradients -p report_dir $(3)/02_gradients
+	$(STAGE) timestep_bias -p params_file params.yaml -p overrides "{profile: $(1)}" \
+	  -p train_dir $(2)/train -p gradient_dir $(2)/gradients -p scores_dir $(2)/scores \
+	  -p report_dir $(3)/03_timestep_bias
+	$(STAGE) retrac -p params_file params.yaml -p overrides "{profile: $(1)}" \
+	  -p train_dir $(2)/train -p gradient_dir $(2)/gradients -p scores_dir $(2)/scores \
+	  -p report_dir $(3)/04_retrac
+endef
+outliers: outliers-photo outliers-flat
+outliers-photo: env
+	$(call OUTLIER_STUDY,digits_outliers,data/outliers,reports/digits_outliers)
+outliers-flat: env
+	$(call OUTLIER_STUDY,digits_outliers_flat,data/outliers_flat,reports/digits_outliers_flat)
+
+# Uncertainty over seeds (issue 9): stages 3-4 of the default run (projection seed 0); stage 2
+# rerun with gradients.projection_seed 1 and 2, stages 3-4 on each; a second training seed
+# (train.seed 1: stages 1-4). Each run in data/seeds/<run>/ (git-ignored, reports included);
+# their stage 3-4 headline numbers, intervals and verdicts collected into reports/seeds/
+# (committed: metrics.json, table.csv, README.md, figures/seed_spread.png) by
+# diffattr.evaluation.seed_study. About 15 minutes on an idle 2-core machine.
+# Reuses the default run's data/train and data/gradients (made by dvc repro when missing).
+SEEDS := data/seeds
+# Stages 3-4 of one run: $(1) its folder under $(SEEDS), $(2) overrides, $(3) train dir,
+# $(4) gradient dir.
+define SEED_STAGES_34
+	$(STAGE) timestep_bias -p params_file params.yaml -p overrides "$(2)" -p train_dir $(3) \
+	  -p gradient_dir $(4) -p scores_dir $(SEEDS)/$(1)/scores \
+	  -p report_dir $(SEEDS)/$(1)/reports/03_timestep_bias
+	$(STAGE) retrac -p params_file params.yaml -p overrides "$(2)" -p train_dir $(3) \
+	  -p gradient_dir $(4) -p scores_dir $(SEEDS)/$(1)/scores \
+	  -p report_dir $(SEEDS)/$(1)/reports/04_retrac
+endef
+seeds: env
+	test -f data/gradients/index.json || $(BIN)/dvc repro gradients
+	$(call SEED_STAGES_34,proj0,{},data/train,data/gradients)
+	for seed in 1 2; do \
+	  $(STAGE) gradients -p params_file params.yaml \
+	    -p overrides "{gradients: {projection_seed: $$seed}}" -p train_dir data/train \
+	    -p out_dir $(SEEDS)/proj$$seed/gradients \
+	    -p report_dir $(SEEDS)/proj$$seed/reports/02_gradients || exit 1; \
+	done
+	$(call SEED_STAGES_34,proj1,{gradients: {projection_seed: 1}},data/train,$(SEEDS)/proj1/gradients)
+	$(call SEED_STAGES_34,proj2,{gradients: {projection_seed: 2}},data/train,$(SEEDS)/proj2/gradients)
+	$(STAGE) train -p params_file params.yaml -p overrides "{train: {seed: 1}}" \
+	  -p out_dir $(SEEDS)/train1/train -p report_dir $(SEEDS)/train1/reports/01_train
+	$(STAGE) gradients -p params_file params.yaml -p overrides "{train: {seed: 1}}" \
+	  -p train_dir $(SEEDS)/train1/train -p out_dir $(SEEDS)/train1/gradients \
+	  -p report_dir $(SEEDS)/train1/reports/02_gradients
+	$(call SEED_STAGES_34,train1,{train: {seed: 1}},$(SEEDS)/train1/train,$(SEEDS)/train1/gradients)
+	$(BIN)/python -m diffattr.evaluation.seed_study $(SEEDS) reports/seeds
 
 # The memorisation control (image tracing with a ground truth) on CPU: stage 1 under
 # `profile: digits_memorise`, then the study (every method under every protocol, its own stage 2

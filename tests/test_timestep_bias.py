@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from diffattr.artifacts.gradient_index import GradientIndex
@@ -13,6 +14,7 @@ from diffattr.artifacts.training_run import TrainingRun
 from diffattr.diffusion.replay import ReplayLog
 from diffattr.evaluation.timestep_bias import band_interval, large_norm_band, replay_norms
 from diffattr.gradients.items import grid_cell
+from diffattr.stages.timestep_bias import findings
 from diffattr.storage.arrays import load_store
 
 
@@ -77,3 +79,31 @@ def test_replay_norms_match_a_per_event_loop(request, fixture, lrs):
     )
     np.testing.assert_array_equal(result.draws, [seen[j] for j in ids])
     assert sorted(result.bands) == [2, 6]
+
+
+def test_stage3_verdicts_count_every_k_of_the_band_sweep():
+    """A method within the base rate at k = top_k but below it at another k of the sweep is
+    mixed, not holds; the shares shown stay those at top_k."""
+
+    def row(method, kind, vs, k=10):
+        return dict(method=method, queries=kind, k=k, topk_slots_in_band=0.25, band_ci_low=0.2,
+                    band_ci_high=0.3, vs_base_rate=vs)  # fmt: skip
+
+    table = pd.DataFrame([row(m, q, "within") for m in ("calibrated", "random")
+                          for q in ("generated", "heldout")])  # fmt: skip
+    sweep = pd.DataFrame(
+        [*table.to_dict(orient="records"), row("calibrated", "generated", "below", k=1),
+         row("calibrated", "heldout", "within", k=1), row("random", "generated", "within", k=1),
+         row("random", "heldout", "within", k=1)]
+    )  # fmt: skip
+    at_top_k = findings(table, 0.25).set_index("claim").verdict
+    assert at_top_k["Timestep-calibrated TracIn removes the bias without reversing it"] == "holds"
+    found = findings(table, 0.25, sweep).set_index("claim")
+    claim = found.loc["Timestep-calibrated TracIn removes the bias without reversing it"]
+    assert claim.verdict == "mixed"
+    assert claim.ours.startswith("generated 25.0% [20.0%, 30.0%]; heldout 25.0%")
+    assert claim.ours.endswith("; within at 3 of 4 (k, query kind) points of the sweep")
+    unbiased = found.loc[
+        "Methods whose top-k band share matches the base rate for every query kind"
+    ]
+    assert unbiased.ours == "random"

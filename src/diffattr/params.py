@@ -285,6 +285,7 @@ _CIFAR_TRAIN = {
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {},
     "digits_outliers": {"data": {"dataset": "digits_outliers"}},
+    "digits_outliers_flat": {"data": {"dataset": "digits_outliers_flat"}},
     # The memorisation control (`make memorisation`): a few dozen images, trained until the
     # generated samples are near-copies, so that each copy's pixel nearest neighbour is its true
     # source. Stage 2's settings stay the digits defaults (the protocol under test); the extra

@@ -11,7 +11,9 @@ Datasets (``load_dataset(name, split)``; ``split`` is ``"train"`` or ``"heldout"
   ids = index in ``load_digits()``.
 - ``digits_outliers``: the digits train split plus 64 outliers (train only): grayscale patches of
   scikit-learn's bundled sample photographs (china.jpg, flower.jpg), ids ``100_000 + k``,
-  label -1. Heldout is the digits heldout split.
+  label -1. Heldout is the digits heldout split. More complex than the digits.
+- ``digits_outliers_flat``: the same with 64 constant images instead (one grey level each,
+  simpler than the digits; :func:`diffattr.data.outliers.flat_images`).
 - ``cifar10``: CIFAR-10 python batches; ids = index in the concatenated train batches
   (0..49999), ``50_000 + index`` for the test batch (heldout).
 - ``cifar2``: automobile (label 1) and horse (label 7) of CIFAR-10, labels and ids kept from
@@ -47,9 +49,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffattr.data.outliers import outlier_images, outlier_patches  # noqa: F401 (re-export)
+
 DATASET_NAMES: tuple[str, ...] = (
     "digits",
     "digits_outliers",
+    "digits_outliers_flat",
     "cifar10",
     "cifar2",
     "cifar_mnist",
@@ -60,6 +65,7 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 _NATIVE_SIZE = {
     "digits": 8,
     "digits_outliers": 8,
+    "digits_outliers_flat": 8,
     "cifar10": 32,
     "cifar2": 32,
     "cifar_mnist": 32,
@@ -352,7 +358,7 @@ def _make(
 
 
 # ---------------------------------------------------------------------------------------------
-# digits and digits_outliers (bundled with scikit-learn)
+# digits, digits_outliers and digits_outliers_flat (bundled with scikit-learn)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -384,44 +390,22 @@ def _load_digits(
     return _make(name, images, ids, all_labels[ids], size=size)
 
 
-def outlier_patches(n: int, seed: int, size: int = 8, patch: int = 32) -> torch.Tensor:
-    """n grayscale photo patches, float32 [n, 1, size, size], each scaled to [-1, 1].
-
-    Patches of patch x patch pixels are cut at random places (from ``default_rng([1, seed])``)
-    out of scikit-learn's bundled china.jpg and flower.jpg (image chosen at random too),
-    converted to luma (ITU-R 601), area-downsampled to size x size and min/max-scaled
-    per patch (a flat patch becomes all zeros).
-    """
-    from sklearn.datasets import load_sample_images
-
-    photos = [_luma(img) for img in load_sample_images().images]
-    rng = np.random.default_rng([1, seed])
-    crops = np.empty((n, patch, patch), dtype=np.float32)
-    for k in range(n):
-        photo = photos[rng.integers(len(photos))]
-        top = rng.integers(photo.shape[0] - patch + 1)
-        left = rng.integers(photo.shape[1] - patch + 1)
-        crops[k] = photo[top : top + patch, left : left + patch]
-    small = F.interpolate(torch.from_numpy(crops)[:, None], size=(size, size), mode="area")
-    low = small.amin(dim=(1, 2, 3), keepdim=True)
-    span = small.amax(dim=(1, 2, 3), keepdim=True) - low
-    scaled = torch.where(span > 1e-6, 2 * (small - low) / span.clamp_min(1e-6) - 1, 0.0)
-    return scaled.clamp_(-1.0, 1.0)
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [H, W] luma in 0..255 (ITU-R 601 weights)."""
-    return rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
 def _load_digits_outliers(
-    split: str, root: Path, seed: int, size: int, *, n_outliers: int = 64
+    split: str,
+    root: Path,
+    seed: int,
+    size: int,
+    *,
+    kind: str = "photo",
+    n_outliers: int = 64,
 ) -> ImageDataset:
-    """digits plus n_outliers photo patches appended to the train split (ids 100_000 + k)."""
-    base = _load_digits(split, root, seed, 8, name="digits_outliers")
+    """digits plus n_outliers outliers of `kind` (photo | flat) appended to the train split
+    (ids 100_000 + k, label -1); heldout is the digits heldout split."""
+    name = "digits_outliers" if kind == "photo" else f"digits_outliers_{kind}"
+    base = _load_digits(split, root, seed, 8, name=name)
     if split == "heldout":
         return _make(base.name, base.images, base.ids, base.labels, size=size)
-    outliers = outlier_patches(n_outliers, seed)
+    outliers = outlier_images(kind, n_outliers, seed)
     return _make(
         base.name,
         torch.cat([base.images, outliers]),
@@ -719,6 +703,7 @@ def _progress(items: list[str], label: str) -> Iterable[str]:
 _LOADERS: dict[str, Callable[[str, Path, int, int], ImageDataset]] = {
     "digits": _load_digits,
     "digits_outliers": _load_digits_outliers,
+    "digits_outliers_flat": functools.partial(_load_digits_outliers, kind="flat"),
     "cifar10": _load_cifar10,
     "cifar2": _load_cifar2,
     "cifar_mnist": _load_cifar_mnist,
