@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: env repro test test-dvc lint notebooks-clean outliers outliers-photo outliers-flat seeds check-reports
+.PHONY: env repro test test-dvc lint notebooks-clean outliers outliers-photo outliers-flat seeds check-reports memorisation memorise
 
 env: $(STAMP)
 
@@ -146,3 +146,17 @@ seeds: env
 	  -p report_dir $(SEEDS)/train1/reports/02_gradients
 	$(call SEED_STAGES_34,train1,{train: {seed: 1}},$(SEEDS)/train1/train,$(SEEDS)/train1/gradients)
 	$(BIN)/python -m diffattr.evaluation.seed_study $(SEEDS) reports/seeds
+
+# The memorisation control (image tracing with a ground truth) on CPU: stage 1 under
+# `profile: digits_memorise`, then the study (every method under every protocol, its own stage 2
+# extractions); outputs in data/memorise/ (git-ignored, ~3.5 GB) and reports/digits_memorise/
+# (committed). 15-30 minutes on a 2-core CPU (idle / shared): training 2-8 min, the stage 2
+# extractions 17 min shared (the interval window's, every replayed draw, 11 of them), scoring
+# 4-6 min. Not part of `dvc repro`.
+memorise: memorisation
+MEMORISE := -p params_file params.yaml -p overrides "{profile: digits_memorise}"
+memorisation: env
+	$(BIN)/python -m diffattr.stage train $(MEMORISE) -p out_dir data/memorise/train \
+	  -p report_dir reports/digits_memorise/01_train
+	$(BIN)/python -m diffattr.stage memorisation $(MEMORISE) -p train_dir data/memorise/train \
+	  -p out_dir data/memorise/gradients -p report_dir reports/digits_memorise/07_memorisation

@@ -59,8 +59,9 @@ def assert_declared_plots(work: Path, stage: str) -> None:
         assert len(frame) and {spec["x"], spec["y"]} <= set(frame.columns), path
 
 
-def run_stage(notebook: str, work: Path, **paths: str) -> None:
-    """Execute notebooks/<notebook>.ipynb at smoke scale with papermill, outputs under work."""
+def run_stage(notebook: str, work: Path, parameters: dict | None = None, **paths: str) -> None:
+    """Execute notebooks/<notebook>.ipynb at smoke scale with papermill, outputs under work
+    (`parameters`: other notebook parameters, e.g. overrides replacing SMOKE)."""
     pm.execute_notebook(
         ROOT / "notebooks" / f"{notebook}.ipynb",
         work / f"{notebook}.ipynb",
@@ -69,6 +70,7 @@ def run_stage(notebook: str, work: Path, **paths: str) -> None:
             "overrides": SMOKE,
             "progress": False,
             **{key: str(work / value) for key, value in paths.items()},
+            **(parameters or {}),
         },
         kernel_name="python3",
         cwd=str(ROOT),
@@ -237,3 +239,27 @@ def test_lds_notebook_scores_every_method_and_retrains_without_top_proponents(gr
     for name in ("lds", "lds_vs_damping"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
     assert_declared_plots(ground_truth, "lds")
+
+
+@pytest.mark.notebook
+def test_memorisation_notebook_tabulates_every_method_under_every_protocol(trained):
+    """Every generated query counted a copy (ratio 1); the trajectory at the last checkpoint,
+    whose epoch window holds every sample (the positive control needs one draw of each)."""
+    overrides = {**SMOKE, "gradients": {**SMOKE["gradients"], "checkpoints": "last"}}
+    run_stage(
+        "07_memorisation",
+        trained,
+        {"overrides": overrides, "copy_ratio": 1.0},
+        train_dir="data/train",
+        out_dir="data/memorise",
+        report_dir="reports/07_memorisation",
+    )
+    report = trained / "reports" / "07_memorisation"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n_copies"] == 4 and metrics["copy_share"] == 1.0
+    cells = {(row["method"], row["protocol"]) for row in metrics["table"]}
+    assert ("retrac", "positive control") in cells and ("grad_cosine", "interval") in cells
+    assert ("pixel_cosine", "epoch") in cells and ("pixel_cosine", "interval") not in cells
+    assert ("pixel_cosine", "projection none") in cells
+    for name in ("copy_ratios", "copies", "tracing_shares"):
+        assert (report / "figures" / f"{name}.png").stat().st_size > 1000

@@ -15,7 +15,7 @@ import papermill as pm
 import pytest
 import yaml
 
-from diffattr.stages.catalog import RUNNER_ENV, STAGES, find_project_root, stage_info
+from diffattr.stages.catalog import RUNNER_ENV, STAGES, STUDIES, find_project_root, stage_info
 from diffattr.stages.runner import StageParameterError, check_parameter_names, declared_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def run_stage(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_stage_has_its_notebook_and_declares_its_folders():
-    for info in STAGES.values():
+    for info in [*STAGES.values(), *STUDIES.values()]:
         declared = declared_parameters(info.notebook_path(ROOT))
         assert {"params_file", "overrides", *info.inputs, *info.outputs} <= set(declared)
 

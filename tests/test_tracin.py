@@ -11,16 +11,20 @@ from conftest import method_inputs_of
 from diffattr import methods
 from diffattr.artifacts.scores import Scores
 from diffattr.diffusion.replay import ReplayLog
-from diffattr.methods.trajectory import trajectory_scores, unit_weights
+from diffattr.methods.trajectory import inverse_norm_weights, trajectory_scores, unit_weights
 from diffattr.storage.arrays import load_store
 
-NAMES = {"tracin": "tracin", "retrac": "retrac", "cosine": "grad_cosine"}
+NAMES = {"tracin": "tracin", "retrac": "retrac", "cosine": "grad_cosine", "retrac_unit": "retrac"}
+NORMALISED = {"retrac", "retrac_unit"}  # every gradient scaled to unit length
+COSINE = {"cosine", "retrac_unit"}  # the aggregated vectors too
 
 
 def _scores(pipeline, method, side="replay", checkpoints="all"):
     spec = methods.get(NAMES[method])
-    args = spec.make_args({"train_side": side, "checkpoints": checkpoints})
-    return spec(method_inputs_of(pipeline), args)
+    args = {"train_side": side, "checkpoints": checkpoints}
+    if method == "retrac_unit":
+        args["aggregate"] = "unit"
+    return spec(method_inputs_of(pipeline), spec.make_args(args))
 
 
 # The learning rate of each of the smoke runs' 6 updates, written out by hand (lr = 1e-3):
@@ -53,7 +57,7 @@ def _brute_force(gradient_dir, log, method, side, lrs, last_only=False):
                 a["query_features"][q, m].astype(np.float64)
                 for m in range(a["query_features"].shape[1])
             ]
-            if method == "retrac":
+            if method in NORMALISED:
                 per_t = [v / np.linalg.norm(v) for v in per_t]
             g_q = sum(per_t) / len(per_t)
             for col, sample in enumerate(ids):
@@ -62,7 +66,7 @@ def _brute_force(gradient_dir, log, method, side, lrs, last_only=False):
                         r for r, e in enumerate(a["replay_events"]) if log.sample_id[e] == sample
                     ]
                     vecs = [a["replay_features"][r, 0].astype(np.float64) for r in rows]
-                    if method == "retrac":
+                    if method in NORMALISED:
                         vecs = [v / np.linalg.norm(v) for v in vecs]
                     etas = [
                         lrs[log.step[a["replay_events"][r]]]
@@ -74,10 +78,10 @@ def _brute_force(gradient_dir, log, method, side, lrs, last_only=False):
                     t_j = sum(weighted) if vecs else np.zeros_like(g_q)
                 else:
                     vecs = [a["train_grid_features"][col, m].astype(np.float64) for m in range(2)]
-                    if method == "retrac":
+                    if method in NORMALISED:
                         vecs = [v / np.linalg.norm(v) for v in vecs]
                     t_j = mass * sum(vecs) / len(vecs)
-                if method == "cosine":  # a sample without a draw in the window adds 0
+                if method in COSINE:  # a sample without a draw in the window adds 0
                     denominator = np.linalg.norm(g_q) * np.linalg.norm(t_j)
                     value = mass * g_q @ t_j / denominator if denominator else 0.0
                 else:
@@ -94,6 +98,8 @@ def _brute_force(gradient_dir, log, method, side, lrs, last_only=False):
         ("cosine", "replay", False),
         ("tracin", "grid", True),
         ("retrac", "grid", False),
+        ("retrac_unit", "replay", False),
+        ("retrac_unit", "grid", False),
     ],
 )
 @pytest.mark.parametrize("fixture", list(LEARNING_RATES))
@@ -107,7 +113,7 @@ def test_scores_equal_the_formula_by_brute_force(request, fixture, method, side,
     expected = _brute_force(gradient_dir, log, method, side, lrs, last_only)
     # ReTrac divides by the float32 norms recorded at extraction (exact up to float32 rounding,
     # ~1e-5 relative), the reference by float64 norms of the stored vectors.
-    rtol = 1e-4 if method == "retrac" else 1e-9
+    rtol = 1e-4 if method in NORMALISED else 1e-9
     np.testing.assert_allclose(scores.values, expected, rtol=rtol, atol=1e-12)
     assert scores.values.shape == (4, 12)
     assert [c["step"] for c in scores.settings["checkpoints"]] == ([6] if last_only else [2, 6])
@@ -216,3 +222,33 @@ def test_a_replay_log_of_another_run_is_refused(smoke_pipeline, tmp_path):
     log.save(copy / "replay_log.npz")
     with pytest.raises(ValueError, match="belongs to training run 0123456789abcdef"):
         TrainingRun.open(copy).replay_log()
+
+
+def test_grad_cosine_is_tracin_with_the_aggregated_vectors_normalised(smoke_pipeline_interval):
+    inputs = method_inputs_of(smoke_pipeline_interval)
+    tracin = methods.get("tracin")
+    unit = tracin(inputs, tracin.make_args({"aggregate": "unit"}))
+    np.testing.assert_array_equal(unit.values, methods.get("grad_cosine")(inputs).values)
+    with pytest.raises(ValueError, match="unknown aggregate 'norm'"):
+        tracin.make_args({"aggregate": "norm"})
+
+
+def test_normalising_the_aggregate_stops_a_sample_with_a_long_sum_winning_every_query(
+    smoke_pipeline_interval,
+):
+    """Under the interval window ReTrac's T_k(j) is a sum of unit vectors, each weighted by
+    η_e = lr (1e-3, constant in this run), whose length grows with the number of draws; with
+    aggregate unit every training vector has length 1 and every score is bounded by Σ_k H_k."""
+    from diffattr.methods.retrac import METHOD as retrac
+    from diffattr.methods.trajectory import _checkpoint, cosine_rows, train_side
+
+    inputs = method_inputs_of(smoke_pipeline_interval)
+    entry = inputs.gradients.trajectory()[-1]
+    summed = train_side(inputs, _checkpoint(inputs, entry), inverse_norm_weights, "replay")
+    lengths = np.linalg.norm(summed, axis=1)
+    assert lengths.max() / 1e-3 > 1.5  # a sample drawn twice or more in the window
+    np.testing.assert_allclose(np.linalg.norm(cosine_rows(summed)[lengths > 0], axis=1), 1.0)
+    unit = retrac(inputs, retrac.make_args({"aggregate": "unit"}))
+    assert unit.settings["args"]["aggregate"] == "unit"
+    bound = sum(c["eta_mass"] for c in unit.settings["checkpoints"])
+    assert np.abs(unit.values).max() <= bound * (1 + 1e-12)

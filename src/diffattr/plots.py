@@ -384,3 +384,74 @@ def lds_vs_damping(curves: dict[str, list[dict]]) -> plt.Figure:
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def copy_pairs(
+    queries: torch.Tensor, sources: torch.Tensor, ratios: Sequence[float], ncols: int = 8
+) -> plt.Figure:
+    """Generated copies [C, ...] above their pixel nearest training images [C, ...], each
+    titled with d1/d2 (distance to the nearest over the second-nearest training image)."""
+    n = len(queries)
+    ncols = max(1, min(ncols, n))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(
+        2 * nrows, ncols, figsize=(0.9 * ncols, 1.9 * nrows + 0.4), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        for k, image in enumerate((queries[i], sources[i])):
+            arr, cmap = _to_display(image)
+            axes[2 * r + k, c].imshow(arr, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        axes[2 * r, c].set_title(f"{ratios[i]:.2f}", fontsize=7)
+    fig.suptitle(
+        "generated (upper) and its nearest training image (lower); d1/d2 above", fontsize=9
+    )
+    fig.tight_layout()
+    return fig
+
+
+def copy_ratios(ratios: np.ndarray, threshold: float) -> plt.Figure:
+    """Histogram of d1/d2 over the generated samples, the copy threshold dashed."""
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.hist(ratios, bins=np.linspace(0, 1, 41), color="tab:blue")
+    ax.axvline(threshold, ls="--", color="gray", label=f"copy: d1/d2 < {threshold:.2g}")
+    ax.set(xlabel="d1/d2 (nearest / second-nearest training image, pixel ℓ2)", ylabel="samples")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tracing_shares(table: pd.DataFrame, protocols: Sequence[str]) -> plt.Figure:
+    """Share of copies whose source ranks first, with 95% intervals, per method (rows) and
+    protocol (markers). table: rows with label, protocol, rank1, rank1_low, rank1_high."""
+    labels = list(dict.fromkeys(table.label))
+    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(labels) + 1.4))
+    palette = sns.color_palette("colorblind", len(protocols))
+    markers = "osD^vP*X"
+    width = 0.7
+    for i, protocol in enumerate(protocols):
+        sub = table[table.protocol == protocol].set_index("label")
+        sub = sub[sub.rank1.notna()]
+        offset = (i - (len(protocols) - 1) / 2) * width / max(len(protocols), 1)
+        y = np.array([labels.index(label) for label in sub.index]) + offset
+        err = np.clip(np.vstack([sub.rank1 - sub.rank1_low, sub.rank1_high - sub.rank1]), 0, 1)
+        ax.errorbar(
+            sub.rank1,
+            y,
+            xerr=err,
+            fmt=markers[i % len(markers)],
+            color=palette[i],
+            capsize=2,
+            ms=5,
+            label=protocol,
+        )
+    ax.axvline(0.5, ls=":", color="gray")
+    ax.set_yticks(np.arange(len(labels)), labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel("share of copies whose source ranks first (95% Wilson interval)")
+    ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig

@@ -90,6 +90,10 @@ class Method:
     sweep: Callable[[MethodInputs, Any, Sequence[float]], list[Scores]] | None = None
     # Image tracing (training images as queries, [n, N]) for methods that can score them.
     trace: Callable[[MethodInputs, Any, int], Scores] | None = None
+    # Scores of query gradients the caller supplies per trajectory checkpoint (the TracIn
+    # family: `methods.trajectory.QueryGradients`), e.g. queries at a training sample's exact
+    # replayed draws (the memorisation control's positive control).
+    score_gradients: Callable[[MethodInputs, Any, Any], Scores] | None = None
 
     def make_args(self, overrides: dict | None = None) -> Any:
         """The arguments dataclass with `overrides` applied (unknown keys refused)."""

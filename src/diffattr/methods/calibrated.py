@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffattr.artifacts.scores import Scores
-from diffattr.methods.base import Method, MethodInputs
-from diffattr.methods.tracin import TrajectoryArgs
 from diffattr.methods.trajectory import (
     Checkpoint,
     Gradients,
     safe_inverse,
-    training_image_scores,
-    trajectory_scores,
+    trajectory_method,
 )
 
 
@@ -29,19 +25,9 @@ def expected_norm_weights(g: Gradients, checkpoint: Checkpoint, what: str) -> np
     return safe_inverse(checkpoint.mean_norm_at(g.t), what, "the profile's mean norms")
 
 
-def compute(inputs: MethodInputs, args: TrajectoryArgs) -> Scores:
-    return trajectory_scores(inputs, expected_norm_weights, args.train_side, args.checkpoints)
-
-
-def trace(inputs: MethodInputs, args: TrajectoryArgs, n_queries: int) -> Scores:
-    return training_image_scores(inputs, expected_norm_weights, n_queries)
-
-
-METHOD = Method(
+METHOD = trajectory_method(
     "calibrated",
     "Calibrated TracIn",
-    TrajectoryArgs,
-    compute,
+    expected_norm_weights,
     summary="TracIn with each gradient divided by the mean gradient norm at its timestep (ours)",
-    trace=trace,
 )

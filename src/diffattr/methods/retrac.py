@@ -4,29 +4,11 @@ before they are summed; see `methods.trajectory`."""
 
 from __future__ import annotations
 
-from diffattr.artifacts.scores import Scores
-from diffattr.methods.base import Method, MethodInputs
-from diffattr.methods.tracin import TrajectoryArgs
-from diffattr.methods.trajectory import (
-    inverse_norm_weights,
-    training_image_scores,
-    trajectory_scores,
-)
+from diffattr.methods.trajectory import inverse_norm_weights, trajectory_method
 
-
-def compute(inputs: MethodInputs, args: TrajectoryArgs) -> Scores:
-    return trajectory_scores(inputs, inverse_norm_weights, args.train_side, args.checkpoints)
-
-
-def trace(inputs: MethodInputs, args: TrajectoryArgs, n_queries: int) -> Scores:
-    return training_image_scores(inputs, inverse_norm_weights, n_queries)
-
-
-METHOD = Method(
+METHOD = trajectory_method(
     "retrac",
     "ReTrac",
-    TrajectoryArgs,
-    compute,
+    inverse_norm_weights,
     summary="Diffusion-ReTrac: TracIn with every gradient normalised to unit length",
-    trace=trace,
 )

@@ -9,35 +9,13 @@ spaced checkpoints with a constant rate over every window give the paper's ranki
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from diffattr.methods.trajectory import TrajectoryArgs, trajectory_method, unit_weights
 
-from diffattr.artifacts.scores import Scores
-from diffattr.methods.base import Method, MethodInputs
-from diffattr.methods.trajectory import training_image_scores, trajectory_scores, unit_weights
+__all__ = ["METHOD", "TrajectoryArgs"]
 
-
-@dataclass(frozen=True)
-class TrajectoryArgs:
-    """train_side: replay (the exact training draws; the paper) | grid (a uniform timestep grid);
-    checkpoints: all trajectory checkpoints | last."""
-
-    train_side: str = "replay"
-    checkpoints: str = "all"
-
-
-def compute(inputs: MethodInputs, args: TrajectoryArgs) -> Scores:
-    return trajectory_scores(inputs, unit_weights, args.train_side, args.checkpoints)
-
-
-def trace(inputs: MethodInputs, args: TrajectoryArgs, n_queries: int) -> Scores:
-    return training_image_scores(inputs, unit_weights, n_queries)
-
-
-METHOD = Method(
+METHOD = trajectory_method(
     "tracin",
     "TracIn",
-    TrajectoryArgs,
-    compute,
+    unit_weights,
     summary="Diffusion-TracIn: learning-rate-weighted gradient dot products over checkpoints",
-    trace=trace,
 )

@@ -21,12 +21,25 @@ method; under the "interval" window a sample drawn several times sums several gr
 "grid" (the training images at a uniform timestep grid, averaged over it and weighted by H_k;
 stage 2 extracts it at the last checkpoint unless `gradients.train_grid_at: all`).
 Checkpoints: "all" or "last".
+
+Aggregate: "sum" (the papers) or "unit": G_k(q) and T_k(j) are each scaled to unit length after
+the weighting and the sum over draws, so the score is Σ_k H_k cos(G_k(q), T_k(j)) (the η_e
+weights still shape the direction of T_k(j)). Normalising each gradient (ReTrac) does not bound
+the *summed* vector: under the "interval" window a sample whose many draws point alike sums to a
+long T_k(j) and is a top proponent of every query; "unit" removes that. Grad-cosine is TracIn
+with aggregate "unit".
+
+Every method of the family is made by `trajectory_method` from its weighting: scores over the
+stage 2 queries (`compute`), image tracing (`trace`) and scores of query gradients the caller
+supplies per checkpoint (`score_gradients`, e.g. the memorisation control's queries evaluated at
+a training sample's exact replayed draws, `QueryGradients`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,10 +56,25 @@ from diffattr.artifacts.gradient_index import (
 from diffattr.artifacts.learning_rates import EventWeights
 from diffattr.artifacts.scores import Scores
 from diffattr.gradients.items import grid_cell
-from diffattr.methods.base import MethodInputs
+from diffattr.methods.base import Method, MethodInputs
 
 TRAIN_SIDES = ("replay", "grid")
 CHECKPOINTS = ("all", "last")
+AGGREGATES = ("sum", "unit")
+
+
+@dataclass(frozen=True)
+class TrajectoryArgs:
+    """train_side: replay (the exact training draws; the paper) | grid (a uniform timestep grid);
+    checkpoints: all trajectory checkpoints | last; aggregate: sum (the papers) | unit (the
+    summed query and training vectors scaled to unit length: a cosine per checkpoint)."""
+
+    train_side: str = "replay"
+    checkpoints: str = "all"
+    aggregate: str = "sum"
+
+    def __post_init__(self) -> None:
+        check_options(self.train_side, self.checkpoints, self.aggregate)
 
 
 @dataclass
@@ -101,11 +129,46 @@ def safe_inverse(values: np.ndarray, what: str, name: str) -> np.ndarray:
     return 1.0 / values
 
 
-def check_options(side: str, checkpoints: str) -> None:
+def check_options(side: str, checkpoints: str, aggregate: str = "sum") -> None:
     if side not in TRAIN_SIDES:
         raise ValueError(f"unknown training side {side!r}; choose one of {list(TRAIN_SIDES)}")
     if checkpoints not in CHECKPOINTS:
         raise ValueError(f"unknown checkpoints {checkpoints!r}; choose one of {list(CHECKPOINTS)}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; choose one of {list(AGGREGATES)}")
+
+
+@dataclass
+class QueryGradients:
+    """Query gradients supplied by the caller instead of stage 2's query set.
+
+    per_step: trajectory checkpoint step → Gradients (features [Q, M, k] projected with that
+    store's projector, exact norms [Q, M], timesteps [Q, M]); the M columns are weighted and
+    averaged as stage 2's query timesteps are. kind, key: [Q], who the rows are (as in Scores).
+    projection: the projector's settings, checked against each store's. settings: how they were
+    made (saved into the scores' settings).
+    """
+
+    kind: np.ndarray
+    key: np.ndarray
+    per_step: dict[int, Gradients]
+    projection: dict
+    settings: dict = field(default_factory=dict)
+
+    def at(self, ckpt: Checkpoint) -> Gradients:
+        """The gradients at one store's checkpoint, refused if made for another projection."""
+        step = ckpt.entry.step
+        if step not in self.per_step:
+            raise ValueError(
+                f"the supplied query gradients have no checkpoint {step} (they have "
+                f"{sorted(self.per_step)})"
+            )
+        if self.projection != ckpt.settings["projection"]:
+            raise ValueError(
+                f"the supplied query gradients were projected with {self.projection}, the store "
+                f"of checkpoint {step} with {ckpt.settings['projection']}"
+            )
+        return self.per_step[step]
 
 
 def _checkpoint(inputs: MethodInputs, entry: StoreEntry) -> Checkpoint:
@@ -124,13 +187,26 @@ def event_weights(inputs: MethodInputs) -> EventWeights:
     return inputs.cached("event_weights", lambda: EventWeights.of(inputs.run, inputs.gradients))
 
 
-def query_side(inputs: MethodInputs, ckpt: Checkpoint, weighting: Weighting) -> np.ndarray:
-    """G_k(q) [Q, k]: per-timestep query gradients [Q, M, k], weighted, averaged over t."""
-    feats = np.asarray(ckpt.arrays[features_array(QUERY)], np.float64)
-    norms = np.asarray(ckpt.arrays[norm_array(QUERY)], np.float64)
-    t = np.broadcast_to(inputs.gradients.timesteps("query"), norms.shape)
-    w = weighting(Gradients(feats, norms, t), ckpt, "query gradients")
-    return (feats * w[..., None]).mean(axis=1)
+def query_side(
+    inputs: MethodInputs,
+    ckpt: Checkpoint,
+    weighting: Weighting,
+    given: QueryGradients | None = None,
+) -> np.ndarray:
+    """G_k(q) [Q, k]: per-timestep query gradients [Q, M, k], weighted, averaged over t (stage
+    2's query set, or the `given` ones)."""
+    if given is not None:
+        g = given.at(ckpt)
+        g = Gradients(np.asarray(g.features, np.float64), np.asarray(g.norms, np.float64), g.t)
+    else:
+        norms = np.asarray(ckpt.arrays[norm_array(QUERY)], np.float64)
+        g = Gradients(
+            np.asarray(ckpt.arrays[features_array(QUERY)], np.float64),
+            norms,
+            np.broadcast_to(inputs.gradients.timesteps("query"), norms.shape),
+        )
+    w = weighting(g, ckpt, "query gradients")
+    return (g.features * w[..., None]).mean(axis=1)
 
 
 def train_side(
@@ -176,33 +252,37 @@ def trajectory_scores(
     weighting: Weighting,
     side: str = "replay",
     checkpoints: str = "all",
-    cosine: bool = False,
+    aggregate: str = "sum",
+    queries: QueryGradients | None = None,
 ) -> Scores:
-    """Σ_k ⟨G_k(q), T_k(j)⟩ (or Σ_k H_k cos) over trajectory checkpoints: Scores [Q, N]."""
-    check_options(side, checkpoints)
+    """Σ_k ⟨G_k(q), T_k(j)⟩ (aggregate "unit": Σ_k H_k cos) over trajectory checkpoints:
+    Scores [Q, N] of stage 2's queries, or of the supplied `queries`."""
+    check_options(side, checkpoints, aggregate)
     values, provenance, settings = None, [], {}
     for entry in inputs.gradients.trajectory(checkpoints):
         ckpt = _checkpoint(inputs, entry)
         settings = ckpt.settings
-        q = query_side(inputs, ckpt, weighting)
+        q = query_side(inputs, ckpt, weighting, queries)
         t = train_side(inputs, ckpt, weighting, side)
-        if cosine:
+        if aggregate == "unit":
             q, t = cosine_rows(q), event_weights(inputs).window_mass(entry.step) * cosine_rows(t)
         term = q @ t.T
         values = term if values is None else values + term
         provenance.append(_checkpoint_provenance(inputs, entry, settings))
-    return inputs.gradients.scores(
-        values,
-        {
-            "checkpoints": provenance,
-            "replay_window": inputs.gradients.replay_window,
-            **inputs.gradients.provenance(settings),
-        },
-    )
+    about = {
+        "checkpoints": provenance,
+        "replay_window": inputs.gradients.replay_window,
+        **inputs.gradients.provenance(settings),
+    }
+    if queries is None:
+        return inputs.gradients.scores(values, about)
+    about = {**about, "queries": queries.settings}
+    about.pop("queries_hash")
+    return Scores(values, inputs.gradients.train_ids, queries.kind, queries.key, about)
 
 
 def training_image_scores(
-    inputs: MethodInputs, weighting: Weighting, n_queries: int = 64, cosine: bool = False
+    inputs: MethodInputs, weighting: Weighting, n_queries: int = 64, aggregate: str = "sum"
 ) -> Scores:
     """Image tracing: training images as queries, scored at the last checkpoint.
 
@@ -213,6 +293,7 @@ def training_image_scores(
     """
     if n_queries < 1:
         raise ValueError(f"n_queries must be ≥ 1, got {n_queries}")
+    check_options("replay", "last", aggregate)
     train_ids = inputs.gradients.train_ids
     ckpt = _checkpoint(inputs, inputs.gradients.trajectory("last")[0])
     if features_array(TRAIN_GRID) not in ckpt.arrays:
@@ -224,7 +305,7 @@ def training_image_scores(
     w = weighting(Gradients(feats, norms, t), ckpt, "training-grid gradients")
     q = (feats * w[..., None]).mean(axis=1)
     tr = train_side(inputs, ckpt, weighting, "replay")
-    if cosine:
+    if aggregate == "unit":
         q, tr = cosine_rows(q), cosine_rows(tr)
     return Scores(
         values=q @ tr.T,
@@ -251,3 +332,37 @@ def _checkpoint_provenance(inputs: MethodInputs, entry: StoreEntry, settings: di
         "weights_hash": settings["weights_hash"],
         **event_weights(inputs).describe(entry.step),
     }
+
+
+def trajectory_method(
+    name: str,
+    label: str,
+    weighting: Weighting,
+    summary: str,
+    args: type = TrajectoryArgs,
+) -> Method:
+    """A method of the family: the template with `weighting`, its arguments `args` (a
+    TrajectoryArgs; a subclass may change the defaults, as grad-cosine's aggregate "unit")."""
+
+    def compute(inputs: MethodInputs, a: TrajectoryArgs) -> Scores:
+        return trajectory_scores(inputs, weighting, a.train_side, a.checkpoints, a.aggregate)
+
+    def trace(inputs: MethodInputs, a: TrajectoryArgs, n_queries: int) -> Scores:
+        return training_image_scores(inputs, weighting, n_queries, a.aggregate)
+
+    def score_gradients(inputs: MethodInputs, a: TrajectoryArgs, queries: QueryGradients):
+        scores = trajectory_scores(
+            inputs, weighting, a.train_side, a.checkpoints, a.aggregate, queries
+        )
+        scores.settings = {**scores.settings, "method": name, "args": dataclasses.asdict(a)}
+        return scores
+
+    return Method(
+        name,
+        label,
+        args,
+        compute,
+        summary=summary,
+        trace=trace,
+        score_gradients=score_gradients,
+    )

@@ -55,6 +55,16 @@ STAGES: dict[str, StageInfo] = {
         ),
     )
 }
+# Studies the runner runs but dvc.yaml does not (a profile's own Makefile target, reports under
+# reports/<profile>/, so `make check-reports` and the dvc.yaml tests leave them out).
+STUDIES: dict[str, StageInfo] = {
+    s.name: s
+    for s in (
+        # The memorisation control (profile digits_memorise; `make memorisation`): its own
+        # stage 2 extractions under out_dir, on a stage 1 run of the same profile.
+        StageInfo("memorisation", "07_memorisation", ("train_dir",), ("out_dir", "report_dir")),
+    )
+}
 
 # Files and folders a stage writes into its report folder (DVC outs with `cache: false`):
 # figures, metrics.json, and plots/ (CSV data behind the key figures, `dvc plots show`).
@@ -68,13 +78,15 @@ def scratch_folder() -> str:
 
 
 def stage_info(name: str) -> StageInfo:
-    """The stage called `name` (or whose notebook is `name`); ValueError with did-you-mean."""
-    for info in STAGES.values():
+    """The stage or study called `name` (or whose notebook is `name`); ValueError with
+    did-you-mean."""
+    known = {**STAGES, **STUDIES}
+    for info in known.values():
         if name in (info.name, info.notebook):
             return info
-    hint = difflib.get_close_matches(name, list(STAGES), n=1)
+    hint = difflib.get_close_matches(name, list(known), n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise ValueError(f"unknown stage {name!r}{did_you_mean}; stages: {', '.join(STAGES)}")
+    raise ValueError(f"unknown stage {name!r}{did_you_mean}; stages: {', '.join(known)}")
 
 
 def find_project_root(start: str | Path | None = None) -> Path | None:

@@ -36,6 +36,7 @@ from diffattr.stages.catalog import (
     REPORT_PLOTS,
     RUNNER_ENV,
     STAGES,
+    STUDIES,
     StageInfo,
     find_project_root,
     stage_info,
@@ -201,7 +202,7 @@ def parse_arguments(argv: list[str] | None) -> tuple[str, dict, str]:
         prog="python -m diffattr.stage",
         description="Run one pipeline stage's notebook with papermill (what dvc.yaml calls).",
     )
-    parser.add_argument("stage", help=f"one of: {', '.join(STAGES)}")
+    parser.add_argument("stage", help=f"one of: {', '.join([*STAGES, *STUDIES])}")
     parser.add_argument(
         "-p",
         "--parameter",
