@@ -147,10 +147,12 @@ seeds: env
 	$(call SEED_STAGES_34,train1,{train: {seed: 1}},$(SEEDS)/train1/train,$(SEEDS)/train1/gradients)
 	$(BIN)/python -m diffattr.evaluation.seed_study $(SEEDS) reports/seeds
 
-# The TracIn family under the protocol the memorisation control recommends, scored by LDS: stage 2
-# again with `replay_window: interval` (every replayed draw: 92,288 gradients, ~0.7 GB in
-# data/interval/; 22 min measured on a shared 2-core machine, ~5 min expected idle at ~3 ms each), then stage 6 on the default ground truth (data/retrain) for the TracIn
-# family only (a minute; grad-cosine is TracIn with the unit aggregate). Reports in reports/digits_interval/ (committed). Not part of `dvc repro`.
+# The TracIn family under the protocol the memorisation control recommends, scored by LDS:
+# stage 2 again with `replay_window: interval` (every replayed draw: 92,288 gradients, ~0.7 GB
+# in data/interval/; 22 min measured on a shared 2-core machine, ~5 min expected idle at ~3 ms
+# a gradient), then stage 6 on the default ground truth (data/retrain) for the TracIn family
+# only (a minute; grad-cosine is TracIn with the unit aggregate). Reports in
+# reports/digits_interval/ (committed). Not part of `dvc repro`.
 INTERVAL_METHODS := [random, pixel_cosine, grad_dot, grad_cosine, tracin, retrac, calibrated, \
   {name: retrac_unit, method: retrac, args: {aggregate: unit}}, \
   {name: calibrated_unit, method: calibrated, args: {aggregate: unit}}]
