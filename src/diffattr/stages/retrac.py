@@ -19,9 +19,8 @@ from diffattr.evaluation.uncertainty import bootstrap_ci, verdict
 from diffattr.methods import MethodInputs
 from diffattr.params import Params
 from diffattr.stages.inputs import load_scores, method_inputs
+from diffattr.stages.timestep_bias import values_by_kind
 from diffattr.stages.train import write_metrics, write_plot_data
-
-QUERY_KINDS = ("generated", "heldout")
 
 
 @dataclass
@@ -53,23 +52,19 @@ def unique_ratio_ci(values: np.ndarray, k: int) -> tuple[float, float, float]:
 
 def specificity_rows(scores: dict[str, Scores], k: int, tau: float) -> list[dict]:
     rows = []
-    for name, s in scores.items():
-        for kind in QUERY_KINDS:
-            if kind not in set(s.query_kind):
-                continue
-            v = s.select(kind).values
-            u, low, high = unique_ratio_ci(v, k)
-            rows.append(
-                {
-                    "method": name,
-                    "queries": kind,
-                    "n_queries": len(v),
-                    "unique_ratio": u,
-                    "unique_ci_low": low,
-                    "unique_ci_high": high,
-                    "generally_influential": int(metrics.generally_influential(v, k, tau).sum()),
-                }
-            )
+    for name, kind, v in values_by_kind(scores):
+        u, low, high = unique_ratio_ci(v, k)
+        rows.append(
+            {
+                "method": name,
+                "queries": kind,
+                "n_queries": len(v),
+                "unique_ratio": u,
+                "unique_ci_low": low,
+                "unique_ci_high": high,
+                "generally_influential": int(metrics.generally_influential(v, k, tau).sum()),
+            }
+        )
     return rows
 
 

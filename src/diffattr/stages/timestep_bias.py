@@ -10,6 +10,7 @@ and for every query kind.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,15 @@ from diffattr.stages.inputs import method_inputs, score_all
 from diffattr.stages.train import write_metrics, write_plot_data
 
 QUERY_KINDS = ("generated", "heldout")
+
+
+def values_by_kind(scores: dict[str, Scores]) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(method, query kind, scores [n_query_of_kind, n_train]) for each method and each query
+    kind present in its scores, kinds in QUERY_KINDS order."""
+    for name, s in scores.items():
+        for kind in QUERY_KINDS:
+            if kind in set(s.query_kind):
+                yield name, kind, s.select(kind).values
 
 
 @dataclass
@@ -54,29 +64,25 @@ def bias_rows(
     """One row per method × query kind: band share of top-k slots with its interval, verdict,
     Spearman(norm mass, top-k count), generally influential count, unique ratio."""
     rows = []
-    for name, s in scores.items():
-        for kind in QUERY_KINDS:
-            if kind not in set(s.query_kind):
-                continue
-            v = s.select(kind).values
-            share, low, high = bootstrap_ci(topk_band_shares(v, k, norms.band_share))
-            gi = metrics.generally_influential(v, k, tau)
-            rows.append(
-                {
-                    "method": name,
-                    "queries": kind,
-                    "n_queries": len(v),
-                    "topk_slots_in_band": share,
-                    "band_ci_low": low,
-                    "band_ci_high": high,
-                    "vs_base_rate": compare_to(base_rate, low, high),
-                    "spearman_norm_vs_topk": metrics.spearman(
-                        norms.norm_mass, metrics.top_k_counts(v, k)
-                    ),
-                    "generally_influential": int(gi.sum()),
-                    "unique_ratio": metrics.unique_ratio(v, k),
-                }
-            )
+    for name, kind, v in values_by_kind(scores):
+        share, low, high = bootstrap_ci(topk_band_shares(v, k, norms.band_share))
+        gi = metrics.generally_influential(v, k, tau)
+        rows.append(
+            {
+                "method": name,
+                "queries": kind,
+                "n_queries": len(v),
+                "topk_slots_in_band": share,
+                "band_ci_low": low,
+                "band_ci_high": high,
+                "vs_base_rate": compare_to(base_rate, low, high),
+                "spearman_norm_vs_topk": metrics.spearman(
+                    norms.norm_mass, metrics.top_k_counts(v, k)
+                ),
+                "generally_influential": int(gi.sum()),
+                "unique_ratio": metrics.unique_ratio(v, k),
+            }
+        )
     return rows
 
 
@@ -86,24 +92,20 @@ def band_sweep_rows(
     """One row per method × query kind × k of the sweep: band share of the top-k slots with
     its 95% bootstrap interval over queries and how it stands against the base rate."""
     rows = []
-    for name, s in scores.items():
-        for kind in QUERY_KINDS:
-            if kind not in set(s.query_kind):
-                continue
-            v = s.select(kind).values
-            for k in ks:
-                share, low, high = bootstrap_ci(topk_band_shares(v, k, norms.band_share))
-                rows.append(
-                    {
-                        "method": name,
-                        "queries": kind,
-                        "k": k,
-                        "topk_slots_in_band": share,
-                        "band_ci_low": low,
-                        "band_ci_high": high,
-                        "vs_base_rate": compare_to(base_rate, low, high),
-                    }
-                )
+    for name, kind, v in values_by_kind(scores):
+        for k in ks:
+            share, low, high = bootstrap_ci(topk_band_shares(v, k, norms.band_share))
+            rows.append(
+                {
+                    "method": name,
+                    "queries": kind,
+                    "k": k,
+                    "topk_slots_in_band": share,
+                    "band_ci_low": low,
+                    "band_ci_high": high,
+                    "vs_base_rate": compare_to(base_rate, low, high),
+                }
+            )
     return rows
 
 
