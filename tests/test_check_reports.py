@@ -18,8 +18,7 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 import pytest
-import torch
-import yaml
+from dvc_project import copy_project, dvc_env
 from nbval.plugin import get_sanitize_patterns
 
 from diffattr.stages import check_reports
@@ -385,32 +384,11 @@ SMOKE_PARAMS = {
 }
 
 
-def _git(project: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=project, check=True, capture_output=True
-    ).stdout.decode()
-
-
-def _env(project: Path) -> dict[str, str]:
-    """A shell as `make` gives dvc: the project's sources, this venv first on PATH, and one
-    thread count for both runs (so that they round alike)."""
-    env = {k: v for k, v in os.environ.items() if k not in (RUNNER_ENV, SCRATCH_ENV)}
-    return env | {
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        "PYTHONPATH": str(project / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(project.parent / "dvc-site-cache"),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-
-
 def _run(project: Path, *command: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *command],
         cwd=project,
-        env=_env(project),
+        env=dvc_env(project),
         capture_output=True,
         text=True,
         timeout=600,
@@ -422,17 +400,9 @@ def repro_project(tmp_path_factory) -> Path:
     """A git copy of this project (tracked and untracked, not ignored files) with a smoke-scale
     params.yaml, after `dvc repro train`: its reports/01_train is current."""
     project = tmp_path_factory.mktemp("check") / "project"
-    listed = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    for name in filter(None, listed.split("\0")):
-        if (ROOT / name).is_file() and not name.startswith("reports/"):
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, project / name)
-    (project / "reports").mkdir()
+    (project / "reports").mkdir(parents=True)
     shutil.copy(SANITIZE, project / check_reports.SANITIZE_FILE)
-    (project / "params.yaml").write_text(yaml.safe_dump(SMOKE_PARAMS, sort_keys=False))
-    _git(project, "init", "-q")
-    _git(project, "add", "-A")
-    _git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    copy_project(project, SMOKE_PARAMS, skip=lambda name: name.startswith("reports/"))
     done = _run(project, "dvc", "repro", "train")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return project

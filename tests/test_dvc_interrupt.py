@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from dvc_project import copy_project, dvc_env, git
 
 from diffattr import params as params_lib
-from diffattr.stages.catalog import RUNNER_ENV
 from diffattr.stages.gradients import run_gradient_stage
 from diffattr.storage.arrays import load_store
 from diffattr.storage.checkpoints import work_folder
@@ -36,7 +36,6 @@ psutil = pytest.importorskip("psutil", reason="psutil (a dependency of dvc) is n
 
 pytestmark = pytest.mark.dvc
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # per dvc command; a smoke-scale stage takes seconds to a minute
 
 # Two checkpoints (steps 3 and 6), so stage 2 makes two stores: raw_step_0000003 (24 gradients)
@@ -76,28 +75,6 @@ PARAMS = {
 # A copy of the project, and dvc run in it
 
 
-def _git(project: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
-    return done.stdout.decode()
-
-
-def _env(project: Path) -> dict[str, str]:
-    """The environment of a `dvc repro` in `project`: its own sources, this venv's `python`
-    (what dvc.yaml's commands call), no analytics, and the test's torch thread count (so that
-    the kernel rounds as the in-process reference run does)."""
-    env = {**os.environ}
-    env.pop(RUNNER_ENV, None)
-    env.update(
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        PYTHONPATH=str(project / "src"),
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(project.parent / "dvc-site-cache"),
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS=str(torch.get_num_threads()),
-    )
-    return env
-
-
 def _dvc_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
@@ -106,7 +83,7 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         _dvc_command(*args),
         cwd=project,
-        env=_env(project),
+        env=dvc_env(project),
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -122,16 +99,7 @@ def _copy(source: Path, project: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained_project(tmp_path_factory) -> Path:
     """A git copy of this project with a smoke-scale params.yaml, after `dvc repro train`."""
-    project = tmp_path_factory.mktemp("dvc") / "project"
-    listed = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    for name in filter(None, listed.split("\0")):
-        if (ROOT / name).is_file():  # a file deleted in the working tree is left out
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, project / name)
-    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
-    _git(project, "init", "-q")
-    _git(project, "add", "-A")
-    _git(project, "-c", "user.name=test", "-c", "user.email=test@test", "commit", "-qm", "copy")
+    project = copy_project(tmp_path_factory.mktemp("dvc") / "project", PARAMS)
     done = dvc(project, "repro", "train")
     assert done.returncode == 0, done.stdout + done.stderr
     return project
@@ -263,9 +231,9 @@ def _alive(process) -> bool:
 def _committed_reports_intact(project: Path, report: str) -> None:
     """The report folder holds exactly its committed files (a failed notebook aside, which is
     git-ignored)."""
-    changed = _git(project, "status", "--porcelain", "--untracked-files=all", "--", report)
+    changed = git(project, "status", "--porcelain", "--untracked-files=all", "--", report)
     assert changed == "", f"{report} differs from the committed reports:\n{changed}"
-    committed = _git(project, "ls-files", "--", report).split()
+    committed = git(project, "ls-files", "--", report).split()
     assert committed, f"nothing of {report} is committed in the copy"
     for name in committed:
         assert (project / name).read_bytes() == subprocess.run(
@@ -293,7 +261,7 @@ def test_killed_dvc_repro_recomputes_only_the_unfinished_store(
         process = subprocess.Popen(
             _dvc_command("repro", "gradients"),
             cwd=project,
-            env=_env(project),
+            env=dvc_env(project),
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, as a command typed in a terminal
