@@ -32,7 +32,10 @@ SANITIZE = ROOT / check_reports.SANITIZE_FILE
 # sentence, 8 a metrics table) and what differs between runs (2 an absolute path — the kernel
 # starts in the project root under papermill, in the report's folder under nbval —, 5 a
 # progress bar's time and rate, 7 a timing in a sentence, 9 one in a metrics table, 10 an
-# object's address). The stage notebooks' first cell is checked in-process, further down.
+# object's address). The metrics tables hold a string, as every stage's does (its device): an
+# object column prints each value on its own, where an all-float one would print `steps` with
+# the timing's decimals ("3.000" or "3.0"). The stage notebooks' first cell is checked
+# in-process, further down.
 CELLS = [
     'params_file = "params.yaml"',
     "import time\n"
@@ -48,8 +51,8 @@ CELLS = [
     'print("3 steps on cpu; final loss 0.0935")',
     'print(f"3 steps in {time.perf_counter() - started:.2f} s on cpu")',
     'pd.Series({"final_loss": 0.093476, "n_train": 40}).to_frame("value")',
-    'pd.Series({"steps": 3, "train_wall_time_s": round(time.perf_counter() - started, 3)})'
-    '.to_frame("value")',
+    'pd.Series({"steps": 3, "train_wall_time_s": round(time.perf_counter() - started, 3),'
+    ' "device": "cpu"}).to_frame("value")',
     "print(object())",
 ]
 NUMBER_CELLS = {3, 4, 6, 8}  # edited by hand in "edited": each must fail
