@@ -40,7 +40,7 @@ print(" ".join(f'"{r}"' for r in dev if (re.split(r"[ <>=!~;\[]", r)[0].lower() 
 endef
 export DEV_REQUIREMENTS
 
-.PHONY: interval env repro test test-dvc lint notebooks-clean outliers outliers-photo outliers-flat seeds check-reports memorisation memorise
+.PHONY: removal interval env repro test test-dvc lint notebooks-clean outliers outliers-photo outliers-flat seeds check-reports memorisation memorise
 
 env: $(STAMP)
 
@@ -165,6 +165,20 @@ interval: env
 	$(BIN)/python -m diffattr.stage lds $(INTERVAL) -p train_dir data/train \
 	  -p gradient_dir data/interval/gradients -p retrain_dir data/retrain \
 	  -p removal_dir data/interval/removal -p report_dir reports/digits_interval/06_lds
+
+# Retraining without each query's top proponents ([KFAC-IF] §5), off in the default run: stage 6
+# on the default run's data with `lds.removal_queries: 8` — every method scored again (3-4
+# minutes), then 25 models of `retrain.steps` (the full set once; per query, without EK-FAC's,
+# TracIn's and k random proponents): about 10 minutes on 2 idle cores. Models in
+# data/removal_study/ (a resumable store, git-ignored), reports in reports/digits_removal/
+# (committed). Not part of `dvc repro`.
+REMOVAL := -p params_file params.yaml -p overrides "{lds: {removal_queries: 8}}"
+removal: env
+	test -f data/retrain/ground_truth.json || $(BIN)/dvc repro ground_truth
+	test -f data/gradients/index.json || $(BIN)/dvc repro gradients
+	$(BIN)/python -m diffattr.stage lds $(REMOVAL) -p train_dir data/train \
+	  -p gradient_dir data/gradients -p retrain_dir data/retrain \
+	  -p removal_dir data/removal_study -p report_dir reports/digits_removal/06_lds
 
 # The memorisation control (image tracing with a ground truth) on CPU: stage 1 under
 # `profile: digits_memorise`, then the study (every method under every protocol, its own stage 2

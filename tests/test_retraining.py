@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from diffattr.diffusion.schedule import build_scheduler
+from diffattr.evaluation.measurement import QueryMeasurement, measurement_draws
 from diffattr.params import TrainParams
 from diffattr.retraining import (
     ModelStore,
@@ -272,3 +275,57 @@ def test_killing_a_run_loses_only_the_models_in_flight(
     retrain(fresh, [jobs[len(before)]], tiny_dataset, model_params, recipe, progress=False)
     key = jobs[len(before)].key
     assert (fresh.folder(key) / WEIGHTS).read_bytes() == after[key][1]
+
+
+def _query_measurement(dataset, draws: int = 6) -> QueryMeasurement:
+    """Five of the dataset's images as held-out queries, `draws` draws each."""
+    keys = dataset.ids[:5]
+    return QueryMeasurement(
+        dataset.images[:5],
+        measurement_draws(["heldout"] * 5, keys, (1, 8, 8), draws, seed=2),
+        build_scheduler("linear", 1000).alphas_cumprod,
+        "l2",
+        queries_hash="five-images",
+    )
+
+
+def test_jobs_measure_their_model_as_the_store_would_afterwards(
+    tiny_dataset, model_params, recipe, tmp_path
+):
+    """Each executor's jobs record m(θ, q) of the model they trained; the same values as
+    measuring the stored EMA weights afterwards in this process."""
+    jobs, _ = lds_jobs(tiny_dataset.ids, n_subsets=2, n_seeds=1)
+    measurement = _query_measurement(tiny_dataset)
+    runs = {
+        "inproc": {"executor": "local", "workers": 1},
+        "pool": {"executor": "local", "workers": 2},
+        "debug": {"executor": "slurm", "slurm": SlurmOptions(cluster="debug", poll_s=0.1)},
+    }
+    for name, how in runs.items():
+        store = _store(tmp_path / name, tiny_dataset, model_params, recipe)
+        path = measurement.save(tmp_path / name / ".measurements")
+        retrain(
+            store, jobs, tiny_dataset, model_params, recipe, progress=False,
+            measurement=path, **how,
+        )  # fmt: skip
+        for job in jobs:
+            recorded = store.record(job)["measurements"][measurement.key]
+            afterwards = measurement(store.load_ema(job))
+            np.testing.assert_allclose(recorded, afterwards, rtol=1e-6, err_msg=name)
+            assert len(recorded) == 5 and np.all(np.asarray(recorded) > 0)
+
+
+def test_a_saved_measurement_loads_with_its_key_and_other_draws_get_another_key(
+    tiny_dataset, tmp_path
+):
+    measurement = _query_measurement(tiny_dataset)
+    path = measurement.save(tmp_path)
+    assert path.name == f"{measurement.key}.pt"
+    loaded = QueryMeasurement.load(path)
+    assert loaded.key == measurement.key
+    assert np.array_equal(loaded.draws.t, measurement.draws.t)
+    assert torch.equal(loaded.draws.eps([0, 4], [1, 5]), measurement.draws.eps([0, 4], [1, 5]))
+    assert _query_measurement(tiny_dataset, draws=7).key != measurement.key
+    path.rename(tmp_path / "0123456789abcdef.pt")
+    with pytest.raises(ValueError, match="holds measurement"):
+        QueryMeasurement.load(tmp_path / "0123456789abcdef.pt")

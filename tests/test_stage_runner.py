@@ -131,6 +131,18 @@ def test_runner_writes_the_pipeline_outputs_and_the_report(project: Path):
     assert not (project / "scratch").exists()
 
 
+def test_runner_writes_a_report_outside_the_project_and_says_where(project: Path, tmp_path):
+    """As `make interval` or a study does with its own report folders, but outside the root."""
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere" / "01_train"
+    done = run_stage(
+        project, "train", "-p", "params_file", "params.yaml", "-p", "out_dir", "data/train",
+        "-p", "report_dir", str(elsewhere), "-p", "progress", "false",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"done: {elsewhere.resolve() / '01_train.ipynb'}" in done.stdout
+    assert json.loads((elsewhere / "metrics.json").read_text())["steps"] == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # The interactive path: a notebook run from notebooks/ (as JupyterLab does)
 

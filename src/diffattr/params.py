@@ -187,7 +187,10 @@ class LDSParams:
     # the curvature's small eigenvalues, which differ by method: hence a wide grid).
     dampings: list[float] = field(default_factory=lambda: [10.0**k for k in range(-10, 4)])
     split_seed: int = 0  # halves of the queries: one picks λ, the other is scored
-    removal_queries: int = 2  # queries for retraining without their top proponents
+    # Queries for retraining without their top proponents: 1 + queries × (methods + 1) models.
+    # Off by default (the default run's 20-minute budget; a few queries resolve nothing):
+    # `make removal` runs 8 queries (25 models) into reports/digits_removal/.
+    removal_queries: int = 0
     removal_fraction: float = 0.02  # k = fraction · n_train proponents removed per query
     removal_methods: list = field(default_factory=lambda: ["ekfac", "tracin"])  # + random
 

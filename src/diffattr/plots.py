@@ -386,6 +386,22 @@ def lds_vs_damping(curves: dict[str, list[dict]]) -> plt.Figure:
     return fig
 
 
+def method_costs(table: pd.DataFrame) -> plt.Figure:
+    """Wall-clock seconds each method took in this stage (scoring, and for swept methods every
+    damping value), log scale, each bar labelled. table: columns method, seconds."""
+    t = table.sort_values("seconds").reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(t) + 1.0))
+    y = np.arange(len(t))
+    seconds = t.seconds.clip(lower=0.01)
+    ax.barh(y, seconds, color="tab:gray")
+    for i, value in enumerate(t.seconds):
+        ax.text(seconds[i] * 1.1, i, f"{value:.2f} s", va="center", fontsize=8)
+    ax.set_yticks(y, t.method)
+    ax.set(xscale="log", xlabel="seconds (this run, this machine)", xlim=(0.01, seconds.max() * 8))
+    fig.tight_layout()
+    return fig
+
+
 def copy_pairs(
     queries: torch.Tensor, sources: torch.Tensor, ratios: Sequence[float], ncols: int = 8
 ) -> plt.Figure:

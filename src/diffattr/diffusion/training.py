@@ -110,9 +110,9 @@ def run_settings(
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model, all tensors in one multi-tensor kernel."""
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 class _Run:
@@ -125,8 +125,10 @@ class _Run:
         self.model = build_unet(settings["unet_config"], seed).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         tc = settings["train"]
+        # foreach: one multi-tensor kernel per update instead of one per parameter (PyTorch
+        # picks it on CUDA only; on CPU the small UNets' ~200 tensors make it ~10% of a step).
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"]
+            self.model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"], foreach=True
         )
         self.log = ReplayLog.empty(
             tc["steps"], tc["batch_size"], self.log_settings(dataset), folder=work
@@ -276,7 +278,9 @@ def train(
         run.optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), train_cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                run.model.parameters(), train_cfg.grad_clip, foreach=True
+            )
         run.optimizer.step()
         _ema_update(run.ema, run.model, min(train_cfg.ema_decay, (1 + step) / (10 + step)))
         loss_values = losses.detach().cpu().numpy()

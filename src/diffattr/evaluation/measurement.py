@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from diffattr.diffusion.schedule import add_noise
 from diffattr.diffusion.task import LOSS_KINDS, per_sample_loss
 from diffattr.gradients.items import KIND_GENERATED, KIND_HELDOUT, KIND_TRAIN, ItemSet
 from diffattr.rng import Tag, keyed_generator
+from diffattr.storage.checkpoints import settings_hash, weights_hash
 
 # Measurement noise is generated once and kept when all of it fits in this (48 queries × 256
 # draws of 8×8 digits: 3 MB; CIFAR-size query sets fall back to generating per batch).
@@ -292,3 +294,75 @@ def measure(
     finally:
         model.train(was_training)
     return totals / draws.n_draws
+
+
+@dataclass(frozen=True, eq=False)
+class QueryMeasurement:
+    """m(θ, q) of a fixed query set, as one object a retraining job can apply to the model it
+    has just trained (`diffattr.retraining`), saved once next to the model store.
+
+    images: [Q, C, H, W] in [-1, 1]; draws: their K draws each; alphas_cumprod: [T] of the
+    training schedule; loss_kind: "l2" | "l1"; queries_hash: the query set's content hash.
+    `key` names the measurement in a model's record: the same key means the same numbers.
+    """
+
+    images: torch.Tensor
+    draws: MeasurementDraws
+    alphas_cumprod: torch.Tensor
+    loss_kind: str
+    queries_hash: str
+
+    @property
+    def key(self) -> str:
+        return settings_hash(
+            {
+                "measurement": self.draws.settings(self.loss_kind),
+                "queries": self.queries_hash,
+                "alphas_cumprod": weights_hash({"a": self.alphas_cumprod}),
+            }
+        )
+
+    def __call__(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> np.ndarray:
+        """[Q] float64: `measure` on the model's weights (pass its EMA weights)."""
+        return measure(
+            model, self.images, self.draws, self.alphas_cumprod, self.loss_kind, device=device
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write to `folder/<key>.pt` (once; an existing file with that key is kept)."""
+        path = Path(folder) / f"{self.key}.pt"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {
+                "images": self.images.cpu(),
+                "draws": {k: getattr(self.draws, k) for k in _DRAW_FIELDS},
+                "alphas_cumprod": self.alphas_cumprod.cpu(),
+                "loss_kind": self.loss_kind,
+                "queries_hash": self.queries_hash,
+            }
+            tmp = path.with_suffix(".tmp")
+            torch.save(payload, tmp)
+            tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> QueryMeasurement:
+        """Read a saved measurement; ValueError if the file's content no longer has its key."""
+        path = Path(path)
+        payload = torch.load(path, weights_only=False)
+        draws = MeasurementDraws(**payload.pop("draws"))
+        found = cls(draws=draws, **payload)
+        if found.key != path.stem:
+            raise ValueError(f"{path} holds measurement {found.key}, not {path.stem}: remove it")
+        return found
+
+
+_DRAW_FIELDS = (
+    "kinds",
+    "keys",
+    "t",
+    "image_shape",
+    "seed",
+    "num_train_timesteps",
+    "t_sampling",
+)

@@ -66,6 +66,7 @@ def retrain(
     device: str = "auto",
     slurm: SlurmOptions | None = None,
     progress: bool = True,
+    measurement: str | Path | None = None,
 ) -> list[str]:
     """Train every job of `jobs` not yet finished in `store`; returns the keys trained now.
 
@@ -74,6 +75,8 @@ def retrain(
     `threads` torch threads each, default 1; 1 worker runs in this process) or "slurm" (a
     submitit array, see SlurmOptions; on a real cluster `threads` defaults to cpus_per_job).
     On the CPU the weights depend on `threads`: keep it fixed for byte-identical reruns.
+    measurement: a saved `QueryMeasurement` each job applies to its new model (recorded in
+    model.json; models already finished are not measured here).
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; use one of {EXECUTORS}")
@@ -84,9 +87,9 @@ def retrain(
             return []
         if executor == "local":
             threads = 1 if threads is None else threads
-            args = (workers, threads, device, tracker)
+            args = (workers, threads, device, tracker, measurement)
             return _run_local(store, todo, data, model_cfg, train_cfg, *args)
-        args = (slurm or SlurmOptions(), threads, device, tracker)
+        args = (slurm or SlurmOptions(), threads, device, tracker, measurement)
         return _run_submitit(store, todo, data, model_cfg, train_cfg, *args)
     finally:
         tracker.close()
@@ -135,8 +138,11 @@ def _init_worker(data: DataSource, threads: int) -> None:
     _WORKER_DATA = resolve_data(data)
 
 
-def _pool_task(store_path: Path, job: RetrainJob, model_cfg, train_cfg, device, threads) -> dict:
-    return train_job(store_path, job, _WORKER_DATA, model_cfg, train_cfg, device, threads)
+def _pool_task(
+    store_path: Path, job: RetrainJob, model_cfg, train_cfg, device, threads, measurement
+) -> dict:
+    data = _WORKER_DATA
+    return train_job(store_path, job, data, model_cfg, train_cfg, device, threads, measurement)
 
 
 def _run_local(
@@ -149,6 +155,7 @@ def _run_local(
     threads: int,
     device: str,
     tracker: _Progress,
+    measurement: str | Path | None,
 ) -> list[str]:
     if workers < 1 or threads < 1:
         raise ValueError(f"workers and threads must be >= 1, got {workers} and {threads}")
@@ -162,7 +169,8 @@ def _run_local(
     trained: list[str] = []
     if workers == 1:
         for job in todo:
-            record = train_job(store.path, job, data, model_cfg, train_cfg, device, threads)
+            args = (device, threads, measurement)
+            record = train_job(store.path, job, data, model_cfg, train_cfg, *args)
             trained.append(job.key)
             tracker.done(record)
         return trained
@@ -181,7 +189,7 @@ def _run_local(
                 job = next(queue, None)
                 if job is None:
                     return
-                args = (store.path, job, model_cfg, train_cfg, device, threads)
+                args = (store.path, job, model_cfg, train_cfg, device, threads, measurement)
                 in_flight[pool.submit(_pool_task, *args)] = job
 
         fill()
@@ -225,6 +233,7 @@ def _run_submitit(
     threads: int | None,
     device: str,
     tracker: _Progress,
+    measurement: str | Path | None,
 ) -> list[str]:
     import submitit
 
@@ -255,6 +264,7 @@ def _run_submitit(
         [train_cfg] * n,
         [device] * n,
         [threads] * n,
+        [measurement] * n,
     )
     pending = dict(zip(sjobs, todo, strict=True))
     in_process = executor.cluster == "debug"  # runs when asked; never block on done() there

@@ -24,6 +24,7 @@ import torch
 from diffattr.data.datasets import ImageDataset
 from diffattr.devices import determinism_settings, resolve_device
 from diffattr.diffusion.training import train
+from diffattr.evaluation.measurement import QueryMeasurement
 from diffattr.retraining.jobs import RetrainJob, retrain_seed
 from diffattr.retraining.store import ModelStore, StoreMismatchError, ids_hash, store_settings
 from diffattr.storage.arrays import setting_differences
@@ -36,6 +37,16 @@ if TYPE_CHECKING:  # params imports this package (for its vocabulary)
 DataSource = ImageDataset | Callable[[], ImageDataset]
 
 _LOADED: dict[bytes, ImageDataset] = {}  # one loaded dataset per process, keyed by its loader
+_MEASUREMENTS: dict[str, QueryMeasurement] = {}  # one loaded measurement per process, by path
+
+
+def load_measurement(path: str | Path) -> QueryMeasurement:
+    """A saved QueryMeasurement, read once per process (the last one is cached)."""
+    key = str(Path(path).resolve())
+    if key not in _MEASUREMENTS:
+        _MEASUREMENTS.clear()
+        _MEASUREMENTS[key] = QueryMeasurement.load(path)
+    return _MEASUREMENTS[key]
 
 
 class RetrainJobError(RuntimeError):
@@ -68,13 +79,17 @@ def train_job(
     train_cfg: TrainParams,
     device: str = "auto",
     threads: int | None = None,
+    measurement: str | Path | None = None,
 ) -> dict:
     """Train `job`'s model into the store at `store_path` and return its record (model.json).
 
     A finished model is not retrained (its record is returned). data must be the store's full
     training set; model_cfg and train_cfg the store's recipe (train_cfg.seed is the base seed).
     threads: torch CPU threads while training (restored after); on the CPU the weights depend on
-    it, so it is recorded. Raises RetrainJobError naming the job and its work folder.
+    it, so it is recorded. measurement: a saved `QueryMeasurement` file; the new model's EMA
+    weights are measured on it where they were trained (in parallel with the other jobs) and
+    the [Q] values recorded under `measurements.<its key>`. Raises RetrainJobError naming the
+    job and its work folder.
     """
     store = ModelStore.read(store_path)
     if store.is_finished(job):
@@ -86,7 +101,9 @@ def train_job(
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        return _train_and_commit(store, job, resolve_data(data), model_cfg, train_cfg, device)
+        measure = None if measurement is None else load_measurement(measurement)
+        dataset = resolve_data(data)
+        return _train_and_commit(store, job, dataset, model_cfg, train_cfg, device, measure)
     except Exception as err:
         raise RetrainJobError(
             f"retraining job {job.key} failed: {type(err).__name__}: {err}\n"
@@ -104,6 +121,7 @@ def _train_and_commit(
     model_cfg: ModelParams,
     train_cfg: TrainParams,
     device: str,
+    measure: QueryMeasurement | None,
 ) -> dict:
     started = time.perf_counter()
     expected = store_settings(dataset, model_cfg, train_cfg, **store.settings["jobs"])
@@ -119,7 +137,16 @@ def _train_and_commit(
     result = train(
         subset, model_cfg, cfg, out, resolve_device(device), work_dir=work / "run", progress=False
     )
+    measured = {}
+    if measure is not None:
+        measure_started = time.perf_counter()
+        values = measure(result.ema, next(result.ema.parameters()).device)
+        measured = {
+            "measurements": {measure.key: values.tolist()},
+            "measure_s": time.perf_counter() - measure_started,
+        }
     record = {
+        **measured,
         "key": job.key,
         "family": job.family,
         "tag": job.tag,

@@ -15,9 +15,12 @@ Three checks, run in this order; each prints what it found and all must pass.
    the stage runner, so the notebooks write under `scratch/check-reports/<notebook>/` (see
    :mod:`diffattr.stages.session`), never to DVC-tracked outputs. The retrained-model stores of
    stages 5 and 6 are copied there first, as DVC keeps them between runs (`persist: true`);
-   everything else is recomputed (stage 1 retrains, stage 2 re-extracts every gradient).
-3. **Files**: the re-executed run's `metrics.json` (timing keys and the thread count aside) and
-   `plots/*.csv` equal the committed ones, floats to a relative `RTOL`.
+   everything else is recomputed (stage 1 retrains, stage 2 re-extracts every gradient). The
+   cells that retrain into those stores are tagged `nbval-ignore-output`: their log depends on
+   what the store held and on the order workers finish; every cell after them, and the files,
+   are compared.
+3. **Files**: the re-executed run's `metrics.json` (run history aside: timings, the thread count,
+   `trained_now`) and `plots/*.csv` equal the committed ones, floats to a relative `RTOL`.
 
 `python -m diffattr.stages.check_reports [--bookkeeping-only] [--stages STAGE ...]`; exit
 status 0 when all pass. Cost: the notebooks of the default run take about 10 minutes on two idle
@@ -55,9 +58,12 @@ CHECK_SCRATCH = "scratch/check-reports"
 # retrained on subsets (stage 5) and without top proponents (stage 6), about 30 minutes of
 # training that DVC keeps between runs; the committed reports were made with them in place.
 COPIED_STORES = {"05_ground_truth": "data/retrain", "06_lds": "data/removal"}
-# metrics.json keys that hold timings (seconds or ms) or the CPU thread count (runtime block),
-# left out of the comparison.
-TIMING_KEY = re.compile(r"^(?:\w*wall_time_s|mean_model_train_s|ms_per_\w+|seconds|cpu_threads)$")
+# metrics.json keys that hold run history, left out of the comparison: timings (seconds or ms),
+# the CPU thread count (runtime block), and how many models a run trained (`trained_now`: the
+# rest were in the store already).
+RUN_HISTORY_KEY = re.compile(
+    r"^(?:\w*wall_time_s|mean_model_train_s|ms_per_\w+|seconds|cpu_threads|trained_now)$"
+)
 # Floats in metrics.json and plots/*.csv may differ by this much (relative): another thread count
 # sums in another order (stage 1's loss: up to 1e-5 after 800 steps); a real change moves more.
 RTOL = 1e-4
@@ -214,7 +220,7 @@ def run_nbval(
 def file_differences(
     root: Path, scratch: str = CHECK_SCRATCH, stages: list[str] | None = None
 ) -> list[str]:
-    """Where the re-executed run's metrics.json (timings aside) and plots/*.csv differ from the
+    """Where the re-executed run's metrics.json (run history aside) and plots/*.csv differ from the
     committed ones (floats: by more than a relative RTOL), for `stages` (None = all), one line
     each, at most five per CSV ([] = the same)."""
     problems = []
@@ -227,7 +233,7 @@ def file_differences(
             problems.append(f"{stage.notebook}: the re-execution wrote no report ({fresh})")
             continue
         old, new = (_load_json(d / REPORT_METRICS) for d in (committed, fresh))
-        for where in _json_differences(_drop_timings(old), _drop_timings(new)):
+        for where in _json_differences(_drop_run_history(old), _drop_run_history(new)):
             problems.append(f"{stage.notebook}/{REPORT_METRICS}: {where}")
         old_plots, new_plots = (_files(d / REPORT_PLOTS) for d in (committed, fresh))
         for name in sorted(old_plots.keys() | new_plots.keys()):
@@ -267,11 +273,12 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*"))} if folder.is_dir() else {}
 
 
-def _drop_timings(value):
+def _drop_run_history(value):
     if isinstance(value, dict):
-        return {k: _drop_timings(v) for k, v in value.items() if not TIMING_KEY.match(str(k))}
+        kept = {k: v for k, v in value.items() if not RUN_HISTORY_KEY.match(str(k))}
+        return {k: _drop_run_history(v) for k, v in kept.items()}
     if isinstance(value, list):
-        return [_drop_timings(v) for v in value]
+        return [_drop_run_history(v) for v in value]
     return value
 
 

@@ -56,6 +56,20 @@ class MethodLDS:
 
 
 @dataclass
+class Scored:
+    """Every method of `lds.methods` scored by the LDS (the stage before its removal
+    experiment)."""
+
+    inputs: MethodInputs
+    truth: GroundTruth
+    by_method: dict[str, MethodLDS]
+    table: pd.DataFrame  # one row per method: LDS, SEM, oracle, chosen damping, seconds
+    ceiling: LDSResult | None
+    comparisons: pd.DataFrame  # paired differences between methods
+    curves: dict[str, list[dict]]  # swept method → [{"damping", "lds", "sem"}] over all queries
+
+
+@dataclass
 class LDSStageResult:
     inputs: MethodInputs
     truth: GroundTruth
@@ -176,17 +190,22 @@ def comparisons(by_method: dict[str, MethodLDS]) -> pd.DataFrame:
 
 def removal_experiment(
     P: Params,
-    inputs: MethodInputs,
-    by_method: dict[str, MethodLDS],
-    truth: GroundTruth,
-    out_dir: Path,
-    progress: bool,
+    scored: Scored,
+    out_dir: str | Path = "data/removal",
+    progress: bool = True,
 ) -> pd.DataFrame | None:
     """Retrain without each chosen query's top-k proponents (per method) or k random samples,
-    and measure the query's loss change against a model trained on everything (same recipe)."""
-    L = P.lds
+    and measure the query's loss change against a model trained on everything (same recipe):
+    one row per (query, method) with k and loss_change; None when `lds.removal_queries` is 0.
+
+    Models go into the resumable store at out_dir (always created, the stage's output); what
+    this prints depends on which of them it already held."""
+    L, inputs, by_method, truth = P.lds, scored.inputs, scored.by_method, scored.truth
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     names = [m for m in L.removal_methods if m in by_method]
     if L.removal_queries < 1 or not names:
+        print("removal experiment off (lds.removal_queries: 0)")
         return None
     train_ids = inputs.gradients.train_ids
     k = max(1, round(L.removal_fraction * len(train_ids)))
@@ -323,16 +342,13 @@ def findings(table, comps, ceiling, removal) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(
+def score_methods(
     P: Params,
     train_dir: str | Path = "data/train",
     gradient_dir: str | Path = "data/gradients",
     retrain_dir: str | Path = "data/retrain",
-    removal_dir: str | Path = "data/removal",
-    report_dir: str | Path = "reports/06_lds",
-    progress: bool = True,
-) -> LDSStageResult:
-    """Score every method of `lds.methods` by the LDS; writes `report_dir/metrics.json`."""
+) -> Scored:
+    """Score every method of `lds.methods` by the LDS on stage 5's ground truth."""
     inputs = method_inputs(P, train_dir, gradient_dir)
     truth = GroundTruth.load(retrain_dir)
     check_truth(truth, inputs)
@@ -359,38 +375,73 @@ def run(
             for r in by_method.values()
         ]
     )
-    comps = comparisons(by_method)
-    removal = removal_experiment(P, inputs, by_method, truth, Path(removal_dir), progress)
-    found = findings(table, comps, ceiling, removal)
+    curves = {
+        r.name: [{"damping": v, "lds": c.mean, "sem": c.sem} for v, c in r.curve]
+        for r in by_method.values()
+        if r.curve
+    }
+    return Scored(inputs, truth, by_method, table, ceiling, comparisons(by_method), curves)
+
+
+def protocol(P: Params, truth: GroundTruth) -> dict:
+    """Everything that defines the LDS numbers besides the methods: queries per kind, M × R,
+    the measurement, the retrained models' steps, the damping rule and grid."""
+    return {
+        "queries": {
+            str(k): int(v)
+            for k, v in zip(*np.unique(truth.query_kind, return_counts=True), strict=True)
+        },
+        "subsets": int(truth.masks.shape[0]),
+        "seeds": int(truth.measurements.shape[1]),
+        "fraction": truth.settings["fraction"],
+        "measurement": truth.settings["measurement"],
+        "steps_per_model": truth.settings["recipe"]["steps"],
+        "damping_rule": "2-fold: chosen on the other half of the queries (split_seed "
+        f"{P.lds.split_seed}); oracle beside it",
+        "dampings": P.lds.dampings,
+    }
+
+
+def finish(
+    P: Params,
+    scored: Scored,
+    removal: pd.DataFrame | None,
+    report_dir: str | Path = "reports/06_lds",
+) -> LDSStageResult:
+    """The findings, and `report_dir/metrics.json` with the LDS data behind the damping plot."""
+    found = findings(scored.table, scored.comparisons, scored.ceiling, removal)
     out = {
-        "protocol": {
-            "queries": {
-                k: int(v)
-                for k, v in zip(*np.unique(truth.query_kind, return_counts=True), strict=True)
-            },
-            "subsets": int(truth.masks.shape[0]),
-            "seeds": int(truth.measurements.shape[1]),
-            "fraction": truth.settings["fraction"],
-            "measurement": truth.settings["measurement"],
-            "steps_per_model": truth.settings["recipe"]["steps"],
-            "damping_rule": "2-fold: chosen on the other half of the queries (split_seed "
-            f"{P.lds.split_seed}); oracle beside it",
-            "dampings": P.lds.dampings,
-        },
-        "lds": table.to_dict(orient="records"),
-        "curves": {
-            r.name: [{"damping": v, "lds": c.mean, "sem": c.sem} for v, c in r.curve]
-            for r in by_method.values()
-            if r.curve
-        },
-        "seed_vs_rest": None if ceiling is None else {"mean": ceiling.mean, "sem": ceiling.sem},
-        "comparisons": comps.to_dict(orient="records"),
+        "protocol": protocol(P, scored.truth),
+        "lds": scored.table.to_dict(orient="records"),
+        "curves": scored.curves,
+        "seed_vs_rest": None
+        if scored.ceiling is None
+        else {"mean": scored.ceiling.mean, "sem": scored.ceiling.sem},
+        "comparisons": scored.comparisons.to_dict(orient="records"),
         "removal": None if removal is None else removal.to_dict(orient="records"),
         "findings": found.to_dict(orient="records"),
     }
     write_metrics(report_dir, out)
     write_plot_data(report_dir, "lds_vs_damping", lds_vs_damping_data(out))
-    return LDSStageResult(inputs, truth, by_method, table, ceiling, comps, removal, found, out)
+    s = scored
+    return LDSStageResult(
+        s.inputs, s.truth, s.by_method, s.table, s.ceiling, s.comparisons, removal, found, out
+    )
+
+
+def run(
+    P: Params,
+    train_dir: str | Path = "data/train",
+    gradient_dir: str | Path = "data/gradients",
+    retrain_dir: str | Path = "data/retrain",
+    removal_dir: str | Path = "data/removal",
+    report_dir: str | Path = "reports/06_lds",
+    progress: bool = True,
+) -> LDSStageResult:
+    """The whole stage: score every method, retrain without top proponents, write metrics."""
+    scored = score_methods(P, train_dir, gradient_dir, retrain_dir)
+    removal = removal_experiment(P, scored, removal_dir, progress)
+    return finish(P, scored, removal, report_dir)
 
 
 def lds_vs_damping_data(metrics: dict) -> pd.DataFrame:

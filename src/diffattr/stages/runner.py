@@ -232,5 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailure as failure:
         print(failure.summary(), file=sys.stderr)
         return 1
-    print(f"stage {stage!r} done: {executed.relative_to(root)}")
+    shown = executed.resolve()
+    if root.resolve() in shown.parents:  # a report_dir outside the project is shown whole
+        shown = shown.relative_to(root.resolve())
+    print(f"stage {stage!r} done: {shown}")
     return 0
