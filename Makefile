@@ -78,7 +78,7 @@ lint: env
 # re-executes every reports/0N_*/0N_*.ipynb against data/ (writing under scratch/check-reports/,
 # never to DVC's outputs) and compares every output but timings, paths and addresses
 # (reports/nbval-sanitize.cfg), then metrics.json and plots/*.csv. Needs data/ from `dvc repro`;
-# about 10 minutes on two idle CPU cores (the six notebooks' run time), so not part of `make test`.
+# about 9 minutes on two idle CPU cores (525 s measured), so not part of `make test`.
 check-reports: env
 	$(BIN)/python -m diffattr.stages.check_reports
 

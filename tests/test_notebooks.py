@@ -236,7 +236,7 @@ def test_lds_notebook_scores_every_method_and_retrains_without_top_proponents(gr
     ]
     assert set(metrics["curves"]) == {"trak", "ekfac"}
     assert {r["method"] for r in metrics["removal"]} == {"random", "ekfac"}
-    for name in ("lds", "lds_vs_damping", "costs"):
+    for name in ("lds", "lds_vs_damping", "costs", "removal"):
         assert (report / "figures" / f"{name}.png").stat().st_size > 1000
     assert_declared_plots(ground_truth, "lds")
 

@@ -402,6 +402,31 @@ def method_costs(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def removal_effects(removal: pd.DataFrame) -> plt.Figure:
+    """Retraining without top proponents: each query's loss change (retrained without the k
+    samples a method ranks highest, minus the model trained on everything) per method, one grey
+    line per query joining its removals, and the mean ± SEM over queries in colour.
+    removal: columns query, method, k, loss_change."""
+    wide = removal.pivot_table(index="query", columns="method", values="loss_change")
+    order = ["random"] + sorted(c for c in wide.columns if c != "random")
+    wide = wide[[c for c in order if c in wide.columns]]
+    x = np.arange(len(wide.columns))
+    fig, ax = plt.subplots(figsize=(1.4 * len(x) + 2.2, 3.2))
+    for _, row in wide.iterrows():
+        ax.plot(x, row.to_numpy(), color="0.7", lw=0.8, marker="o", ms=3, zorder=1)
+    n = wide.notna().sum()
+    sem = wide.std(ddof=1) / np.sqrt(n.clip(lower=1))
+    ax.errorbar(x, wide.mean(), yerr=sem, fmt="D", color="tab:red", capsize=4, zorder=2,
+                label="mean ± SEM over queries")  # fmt: skip
+    ax.axhline(0, color="k", lw=0.6)
+    k = int(removal.k.iloc[0]) if len(removal) else 0
+    ax.set_xticks(x, [f"{c}\n(n = {n[c]})" for c in wide.columns])
+    ax.set(ylabel=f"query loss change\n(top {k} removed, retrained)")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def copy_pairs(
     queries: torch.Tensor, sources: torch.Tensor, ratios: Sequence[float], ncols: int = 8
 ) -> plt.Figure:
