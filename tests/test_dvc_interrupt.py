@@ -228,6 +228,37 @@ def _alive(process) -> bool:
         return False
 
 
+def _interrupt_repro(project: Path, out: Path, log: Path, how: str):
+    """Start `dvc repro gradients` in project, interrupt it (`how`: ctrl-c or kill-9) once a
+    store is finished and the next holds computed rows; (process, its log)."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            _dvc_command("repro", "gradients"),
+            cwd=project,
+            env=dvc_env(project),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a command typed in a terminal
+        )
+    try:
+        _wait_for(lambda: _interruptible(out), process, log, TIMEOUT_S)
+        tree = psutil.Process(process.pid).children(recursive=True)
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+            for child in tree:  # the kernel runs in a session of its own
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        process.wait(timeout=TIMEOUT_S)
+        _wait_gone(tree, timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process, log.read_text()
+
+
 def _committed_reports_intact(project: Path, report: str) -> None:
     """The report folder holds exactly its committed files (a failed notebook aside, which is
     git-ignored)."""
@@ -254,35 +285,17 @@ def test_killed_dvc_repro_recomputes_only_the_unfinished_store(
     runner shuts the notebook's kernel down) or by SIGKILL to the whole process tree, kernel
     included (a preempted job). The rerun leaves the finished stores' files untouched, computes
     exactly the cells that were missing, and ends with the stores of an uninterrupted run."""
-    project = _copy(trained_project, tmp_path / "project")
-    out = project / "data" / "gradients"
-    log = tmp_path / "interrupted.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            _dvc_command("repro", "gradients"),
-            cwd=project,
-            env=dvc_env(project),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, as a command typed in a terminal
+    for attempt in range(2):
+        project = _copy(trained_project, tmp_path / f"project{attempt}")
+        out = project / "data" / "gradients"
+        process, interrupted_log = _interrupt_repro(
+            project, out, tmp_path / f"run{attempt}.log", how
         )
-    try:
-        _wait_for(lambda: _interruptible(out), process, log, TIMEOUT_S)
-        tree = psutil.Process(process.pid).children(recursive=True)
-        if how == "ctrl-c":
-            os.killpg(process.pid, signal.SIGINT)
-        else:
-            os.killpg(process.pid, signal.SIGKILL)
-            for child in tree:  # the kernel runs in a session of its own
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    child.kill()
-        process.wait(timeout=TIMEOUT_S)
-        _wait_gone(tree, timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    interrupted_log = log.read_text()
+        # The interrupted store takes a fraction of a second to write, and once (a full-suite
+        # run on a loaded 2-core machine) the run completed anyway: exit 0, "stage done",
+        # nothing interrupted, so nothing to test. Try once more; a second miss fails.
+        if not (process.returncode == 0 and "stage 'gradients' done" in interrupted_log):
+            break
     assert process.returncode != 0, interrupted_log[-3000:]
 
     # What the interruption left: finished stores in data/gradients, the rest unfinished.

@@ -190,7 +190,11 @@ def _run_local(
                 if job is None:
                     return
                 args = (store.path, job, model_cfg, train_cfg, device, threads, measurement)
-                in_flight[pool.submit(_pool_task, *args)] = job
+                try:
+                    in_flight[pool.submit(_pool_task, *args)] = job
+                except BrokenProcessPool as err:  # a worker died before this job could start
+                    lost = [*in_flight.values(), job]
+                    raise _failure([_died(store, j) for j in lost], store) from err
 
         fill()
         while in_flight:
@@ -215,8 +219,9 @@ def _run_local(
 
 def _died(store: ModelStore, job: RetrainJob) -> RetrainJobError:
     return RetrainJobError(
-        f"retraining job {job.key} was in flight when a worker process died (killed, or out of "
-        f"memory?); its partial training is in {store.work_folder(job)} (a rerun resumes it)."
+        f"retraining job {job.key} was in flight or next when a worker process died (killed, or "
+        f"out of memory?); any partial training is in {store.work_folder(job)} (a rerun resumes "
+        "it)."
     )
 
 
