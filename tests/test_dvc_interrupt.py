@@ -245,16 +245,6 @@ def _interrupt_repro(project: Path, out: Path, log: Path, how: str):
         tree = psutil.Process(process.pid).children(recursive=True)
         if how == "ctrl-c":
             os.killpg(process.pid, signal.SIGINT)
-            for child in tree:  # a stage process outside dvc's group gets it as well
-                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                    outside = os.getpgid(child.pid) != process.pid
-                    if outside and "diffattr.stage" in " ".join(child.cmdline()):
-                        with log.open("a") as sink:
-                            sink.write(
-                                f"[test] the stage runner {child.pid} is in group "
-                                f"{os.getpgid(child.pid)}, dvc in {process.pid}\n"
-                            )
-                        child.send_signal(signal.SIGINT)
         else:
             os.killpg(process.pid, signal.SIGKILL)
             for child in tree:  # the kernel runs in a session of its own
