@@ -17,7 +17,7 @@ from diffattr.diffusion.sampling import save_queries
 from diffattr.diffusion.schedule import build_scheduler
 from diffattr.diffusion.training import train
 from diffattr.gradients.engines import PerSampleGradients
-from diffattr.gradients.extraction import array_specs, extract
+from diffattr.gradients.extraction import array_specs, extract, mean_gradient_chunks
 from diffattr.gradients.items import (
     KIND_GENERATED,
     KIND_TRAIN,
@@ -61,6 +61,26 @@ def test_stored_norms_are_exact_norms_of_the_full_gradients(setup, tmp_path):
     np.testing.assert_allclose(
         store.array("s_features"), projector(full).reshape(6, 2, -1).numpy(), rtol=1e-3, atol=1e-5
     )
+
+
+@pytest.mark.parametrize(("rows_per_chunk", "batch_size"), [(6, 64), (4, 2), (1, 1)])
+def test_mean_gradient_chunks_average_each_images_cells(setup, rows_per_chunk, batch_size):
+    """Each yielded row is the mean of the image's M timesteps × S draws, by an autograd loop
+    over its cells, whatever the chunking."""
+    grads, items, _ = setup
+    rows = np.arange(items.n)
+    cells = grads.loop(
+        items.x0.repeat_interleave(2, 0),
+        items.t.reshape(-1),
+        items.noise(rows).reshape(12, 2, 1, 8, 8),
+    )
+    expected = cells.reshape(6, 2, -1).mean(1)
+    seen = []
+    for chunk, g in mean_gradient_chunks(items, grads, rows_per_chunk, batch_size):
+        assert len(chunk) <= rows_per_chunk
+        torch.testing.assert_close(g, expected[chunk], rtol=1e-4, atol=1e-6)
+        seen.extend(chunk.tolist())
+    assert seen == rows.tolist()
 
 
 class _Crash(Exception):

@@ -97,11 +97,25 @@ def test_auto_engine_is_layerwise_on_a_unet_and_agrees_with_vmap(tiny_unet):
     torch.testing.assert_close(auto(x0, t, eps), vmapped(x0, t, eps), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_timestep_per_draw_gives_the_mean_of_single_draw_gradients(tiny_unet, engine):
+    """t [B, S]: each item's gradient is the mean over its draws, each at its own timestep."""
+    grads = PerSampleGradients(tiny_unet, build_scheduler().alphas_cumprod, engine=engine)
+    x0, _, eps = _batch(b=3, draws=4)
+    t = torch.randint(0, 1000, (3, 4), generator=torch.Generator().manual_seed(5))
+    fast = grads(x0, t, eps).clone()
+    for i in range(3):
+        singles = grads.loop(x0[i].expand(4, -1, -1, -1), t[i], eps[i].unsqueeze(1))
+        torch.testing.assert_close(fast[i], singles.mean(0), rtol=1e-4, atol=1e-6)
+
+
 def test_mismatched_shapes_are_refused(tiny_unet):
     grads = PerSampleGradients(tiny_unet, build_scheduler().alphas_cumprod)
     x0, t, eps = _batch(b=3)
     with pytest.raises(ValueError, match="shapes disagree"):
         grads(x0, t[:2], eps)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        grads(x0, t.unsqueeze(1).expand(3, 2), eps)  # two timesteps for one draw
 
 
 def test_replayed_gradient_equals_the_gradient_of_the_logged_training_loss(

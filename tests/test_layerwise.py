@@ -39,7 +39,7 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("group", [1, 2, 3])
 @pytest.mark.parametrize("name", list(CONVS))
 def test_conv2d_rule_matches_an_autograd_loop(name, group):
     torch.manual_seed(0)
@@ -51,6 +51,22 @@ def test_conv2d_rule_matches_an_autograd_loop(name, group):
     assert set(parts) == set(expected)
     for k, want in expected.items():
         torch.testing.assert_close(parts[k].reshape(want.shape), want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv2d_rule_takes_a_strided_input_and_reuses_its_workspace():
+    """A channels-last input (a permuted view) and a second call of another shape through the
+    same workspace give the loop's gradients."""
+    from diffattr.gradients.layerwise import Workspace
+
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    workspace = Workspace()
+    for n, group, size in ((6, 3, 7), (4, 2, 5)):
+        a = torch.randn(n, size, size, 3).permute(0, 3, 1, 2)  # non-contiguous [N, C, H, W]
+        r = torch.randn_like(conv(a))
+        parts = layer_gradients(conv, a, r, group, workspace)
+        for k, want in _loop_reference(conv, a, r, group).items():
+            torch.testing.assert_close(parts[k].reshape(want.shape), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("group", [1, 3])

@@ -167,7 +167,9 @@ def test_the_memorisation_profile_resolves():
         "ReTrac, unit aggregate"
     )
     projected = next(s for s in P.method_specs() if s.name == "ekfac_projected")
-    assert memorisation.method_label(projected) == "EK-FAC (query_side grid, train_side stored)"
+    assert memorisation.method_label(projected) == (
+        "EK-FAC (draws 4, query_side grid, train_side stored)"
+    )
     labels = [memorisation.method_label(s) for s in P.method_specs()]
     assert len(set(labels)) == len(labels)  # the table's rows
     P.check_dataset_size(32)

@@ -109,10 +109,11 @@ def run_settings(
     }
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·model, all tensors in one multi-tensor kernel."""
+def _ema_update(ema: list[torch.Tensor], model: list[torch.Tensor], decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model over matching parameter lists, in one multi-tensor
+    kernel."""
     with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        torch._foreach_lerp_(ema, model, 1 - decay)
 
 
 class _Run:
@@ -256,6 +257,8 @@ def train(
         mininterval=2.0,
     )
     run.model.train()
+    # Walking the module tree for .parameters() at every step costs ~3% of a small UNet's step.
+    params, ema_params = list(run.model.parameters()), list(run.ema.parameters())
     while run.step < train_cfg.steps:
         step = run.step
         rows, epochs = batch_rows(step, train_cfg.batch_size, len(dataset), train_cfg.seed)
@@ -278,11 +281,9 @@ def train(
         run.optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                run.model.parameters(), train_cfg.grad_clip, foreach=True
-            )
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip, foreach=True)
         run.optimizer.step()
-        _ema_update(run.ema, run.model, min(train_cfg.ema_decay, (1 + step) / (10 + step)))
+        _ema_update(ema_params, params, min(train_cfg.ema_decay, (1 + step) / (10 + step)))
         loss_values = losses.detach().cpu().numpy()
         run.log.record(step, epochs, ids, t.cpu().numpy(), loss_values)
         run.loss_history[step] = loss_values.mean()

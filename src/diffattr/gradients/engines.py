@@ -1,7 +1,8 @@
 """Per-sample gradients of a diffusion model, by one of two engines that give the same numbers.
 
-One *item* is an image x0 at a timestep t with S noise draws ε_1..S; its gradient is
-∇_θ (1/S) Σ_s f(ε_θ(x_t,s, t), ε_s), the mean over the draws, where f is
+One *item* is an image x0 with S noise draws ε_1..S at a timestep t (or one timestep t_s per
+draw); its gradient is ∇_θ (1/S) Σ_s f(ε_θ(x_{t_s,s}, t_s), ε_s), the mean over the draws, where
+f is
 
 - `loss`:   the training loss, mean((ε − ε̂)²) (l2) or mean(|ε − ε̂|) (l1);
 - `sqnorm`: the D-TRAK measurement mean(ε̂²).
@@ -96,13 +97,14 @@ class PerSampleGradients:
     def _item_value(self, params: dict, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
         draws = eps.shape[0]
         x0s = x0.unsqueeze(0).expand(draws, *x0.shape)
-        ts = t.expand(draws)
+        ts = t.expand(draws)  # t: [] (one timestep) or [S] (one per draw)
         x_t = add_noise(x0s, eps, ts, self.abar)
         eps_pred = functional_call(self.model, (params, self.buffers), (x_t, ts)).sample
         return self.measure(eps_pred, eps).mean()
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x0: [B, C, H, W]; t: [B] int; eps: [B, S, C, H, W] (or [B, C, H, W] for S = 1).
+        """x0: [B, C, H, W]; t: [B] int, or [B, S] for a timestep per draw; eps: [B, S, C, H, W]
+        (or [B, C, H, W] for S = 1).
 
         Returns [B, dim] float32 on `self.device`: each row the gradient of its item's measurement
         averaged over its S draws. The tensor is a buffer reused by the next call: copy it to keep.
@@ -120,12 +122,13 @@ class PerSampleGradients:
         return out
 
     def _layerwise_chunk(self, x0, t, eps, out) -> None:
-        """Layerwise gradients of items x0 [B, ...], t [B], eps [B, S, ...] into out [B, dim]."""
+        """Layerwise gradients of items x0 [B, ...], t [B] or [B, S], eps [B, S, ...] into
+        out [B, dim]."""
         draws = eps.shape[1]
 
         def total_value() -> torch.Tensor:
             x0s = x0.unsqueeze(1).expand_as(eps).flatten(0, 1)  # [B·S, C, H, W], item-major
-            ts = t.repeat_interleave(draws)
+            ts = t.flatten() if t.dim() == 2 else t.repeat_interleave(draws)
             e = eps.flatten(0, 1)
             x_t = add_noise(x0s, e, ts, self.abar)
             eps_pred = self.model(x_t, ts).sample
@@ -137,10 +140,14 @@ class PerSampleGradients:
         """Checked inputs on `self.device`, eps as [B, S, C, H, W]."""
         if eps.dim() == x0.dim():
             eps = eps.unsqueeze(1)
-        if eps.shape[0] != x0.shape[0] or eps.shape[2:] != x0.shape[1:] or t.shape != x0.shape[:1]:
+        if (
+            eps.shape[0] != x0.shape[0]
+            or eps.shape[2:] != x0.shape[1:]
+            or t.shape not in (x0.shape[:1], eps.shape[:2])
+        ):
             raise ValueError(
                 f"shapes disagree: x0 {tuple(x0.shape)}, t {tuple(t.shape)}, eps {tuple(eps.shape)}"
-                " (expected x0 [B, C, H, W], t [B], eps [B, S, C, H, W])"
+                " (expected x0 [B, C, H, W], t [B] or [B, S], eps [B, S, C, H, W])"
             )
         return x0.to(self.device), t.to(self.device), eps.to(self.device)
 

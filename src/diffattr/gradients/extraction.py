@@ -134,11 +134,16 @@ def mean_gradient_chunks(
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Full (unprojected) gradients of each image averaged over its M timesteps and S draws,
     `rows_per_chunk` images at a time: yields (rows [b] int64, [b, D] float32 on the gradients'
-    device) — for methods that stream exact gradients instead of reading a store."""
+    device) — for methods that stream exact gradients instead of reading a store.
+
+    Each image's M·S draws are one item with a timestep per draw, so the engine sums them inside
+    its per-sample products (no [b·M, D] intermediate); batch_size counts cells (image ×
+    timestep) per gradient call."""
     if rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk must be ≥ 1, got {rows_per_chunk}")
     rows_per_batch = max(1, batch_size // items.m)
     shape = tuple(items.x0.shape[1:])
+    draws = items.m * items.draws
     bar = tqdm(total=items.n, disable=not progress, desc=desc, unit="image")
     for chunk_start in range(0, items.n, rows_per_chunk):
         chunk = np.arange(chunk_start, min(items.n, chunk_start + rows_per_chunk))
@@ -146,11 +151,11 @@ def mean_gradient_chunks(
         for start in range(0, len(chunk), rows_per_batch):
             rows = chunk[start : start + rows_per_batch]
             b = len(rows)
-            x0 = items.x0[torch.from_numpy(rows)].repeat_interleave(items.m, dim=0)
-            t = items.t[torch.from_numpy(rows)].reshape(-1)
-            eps = items.noise(rows).reshape(b * items.m, items.draws, *shape)
+            x0 = items.x0[torch.from_numpy(rows)]
+            t = items.t[torch.from_numpy(rows)].repeat_interleave(items.draws, dim=1)  # [b, M·S]
+            eps = items.noise(rows).reshape(b, draws, *shape)
             g = grads(x0.to(grads.device), t.to(grads.device), eps.to(grads.device))
-            out[start : start + b] = g.reshape(b, items.m, -1).mean(dim=1)
+            out[start : start + b] = g
             bar.update(b)
         yield chunk, out
     bar.close()

@@ -33,7 +33,7 @@ from torch import nn
 
 from diffattr.diffusion.schedule import add_noise
 from diffattr.diffusion.task import FISHER_TYPES, ggn_backprop_vectors, output_hessian_scale
-from diffattr.gradients.layerwise import conv_patches, plain_conv2d, stock_layer_type
+from diffattr.gradients.layerwise import conv_patch_view, plain_conv2d, stock_layer_type
 from diffattr.gradients.projection import Projector
 from diffattr.rng import Tag, keyed_generator
 
@@ -63,13 +63,21 @@ def curvature_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def layer_inputs(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """[N, L, din]: the inputs each output position of the layer sees, with a ones column for
-    the bias (L = tokens of a Linear, output pixels of a Conv2d)."""
+    the bias (L = tokens of a Linear, output pixels of a Conv2d); one contiguous copy."""
+    bias = module.bias is not None
     if isinstance(module, nn.Conv2d):
-        x = conv_patches(module, a).transpose(1, 2)
+        view = conv_patch_view(module, a)  # [N, C, kh, kw, Ho, Wo]
+        n, c, kh, kw, ho, wo = view.shape
+        x = a.new_empty(n, ho * wo, c * kh * kw + bias)
+        x[..., : c * kh * kw].view(n, ho, wo, c, kh, kw).copy_(view.permute(0, 4, 5, 1, 2, 3))
     else:
-        x = a.reshape(a.shape[0], -1, a.shape[-1])
-    if module.bias is not None:
-        x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
+        rows = a.reshape(a.shape[0], -1, a.shape[-1])
+        if not bias:
+            return rows
+        x = a.new_empty(*rows.shape[:2], rows.shape[2] + 1)
+        x[..., :-1] = rows
+    if bias:
+        x[..., -1] = 1
     return x
 
 

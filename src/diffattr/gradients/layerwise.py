@@ -217,44 +217,53 @@ def conv2d_gradients(
     """a [N, C, H, W], g [N, O, Ho, Wo] → weight [N / group, O, C, kh·kw] (viewable as the
     weight's [O, C, kh, kw]), bias [N / group, O]."""
     if conv.stride == (1, 1) and conv.kernel_size != (1, 1):
-        weight = _conv_weight_by_offsets(conv, a, g, workspace.get if workspace else _fresh)
+        scratch = workspace.get if workspace else _fresh
+        weight = _conv_weight_by_offsets(conv, a, g, group, scratch)
     else:
         patches = conv_patches(conv, a)  # [N, C·kh·kw, Ho·Wo]
         weight = torch.bmm(g.flatten(2), patches.transpose(1, 2))
-        weight = weight.view(*weight.shape[:2], conv.in_channels, -1)
-    parts = {"weight": _sum_groups(weight, group)}
+        weight = _sum_groups(weight.view(*weight.shape[:2], conv.in_channels, -1), group)
+    parts = {"weight": weight}
     if conv.bias is not None:
         parts["bias"] = _sum_groups(g.flatten(2).sum(2), group)
     return parts
 
 
 def _conv_weight_by_offsets(
-    conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, scratch: Callable = _fresh
+    conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, group: int = 1, scratch: Callable = _fresh
 ) -> torch.Tensor:
-    """Stride-1 conv weight gradients [N, O, C, kh·kw] without an im2col copy.
+    """Stride-1 conv weight gradients summed over groups of `group` batch rows,
+    [N / group, O, C, kh·kw], without an im2col copy.
 
-    The padded input is flattened row-major with row length Wp; the output gradient is padded to
-    the same row length with zeros. For kernel offset (i, j) the inputs the output pixels read
-    are then one contiguous window of the flat input, starting at i·dh·Wp + j·dw, and the
-    offset's gradient is one bmm of the output gradient with that window (a strided view).
+    A group's input images are stacked vertically, each R = max(H + ph, Ho) pixel rows below the
+    previous one (neighbours share their zero padding), and flattened row-major with row length
+    Wp; the output gradients are laid out the same way, zero outside each image's Ho × Wo
+    pixels. For kernel offset (i, j) the inputs that every output pixel of the group reads are
+    then one contiguous window of the flat input, starting at i·dh·Wp + j·dw, and the offset's
+    gradient, summed over the group, is one bmm of the flat output gradient with that window.
     """
     kh, kw = conv.kernel_size
     dh, dw = conv.dilation
     ph, pw = conv.padding
     n, channels, height, width = a.shape
     out_channels, ho, wo = g.shape[1:]
+    groups = n // group
     wp = width + 2 * pw
-    spill = -(-((kw - 1) * dw) // wp)  # extra zero rows so the last window stays in bounds
-    padded_a = scratch("conv_a", (n, channels, height + 2 * ph + spill, wp), a)
-    padded_a.zero_()
-    padded_a[:, :, ph : ph + height, pw : pw + width] = a
-    flat_a = padded_a.flatten(2)  # [N, C, (Hp + spill)·Wp]
-    padded_g = scratch("conv_g", (n, out_channels, ho, wp), g)
-    padded_g[..., wo:] = 0
-    padded_g[..., :wo] = g
-    flat_g = padded_g.flatten(2)  # [N, O, Ho·Wp], zeros past column Wo
-    length = ho * wp
-    per_offset = scratch("conv_w", (kh * kw, n, out_channels, channels), a)
+    slot = max(height + ph, ho)  # pixel rows per image in the stacked layout
+    length = group * slot * wp  # the bmm's inner dimension
+    # ph top padding rows, the stacked images, then enough zeros for the last window to fit
+    total = (ph + group * slot + (kh - 1) * dh + 1) * wp
+    flat_a = scratch("conv_a", (groups, channels, total), a)
+    flat_a.zero_()
+    stacked_a = flat_a[:, :, ph * wp : (ph + group * slot) * wp].view(
+        groups, channels, group, slot, wp
+    )
+    stacked_a[..., :height, pw : pw + width] = a.unflatten(0, (groups, group)).transpose(1, 2)
+    flat_g = scratch("conv_g", (groups, out_channels, length), g)
+    flat_g.zero_()
+    stacked_g = flat_g.view(groups, out_channels, group, slot, wp)
+    stacked_g[..., :ho, :wo] = g.unflatten(0, (groups, group)).transpose(1, 2)
+    per_offset = scratch("conv_w", (kh * kw, groups, out_channels, channels), a)
     for i in range(kh):
         for j in range(kw):
             start = i * dh * wp + j * dw
@@ -265,6 +274,14 @@ def _conv_weight_by_offsets(
 
 def conv_patches(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """The conv's input patches [N, C·kh·kw, Ho·Wo] via a strided view (faster than F.unfold)."""
+    view = conv_patch_view(conv, a)
+    n, c, kh, kw, ho, wo = view.shape
+    return view.reshape(n, c * kh * kw, ho * wo)
+
+
+def conv_patch_view(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """[N, C, kh, kw, Ho, Wo]: a strided view of the (padded) input, [n, c, i, j, y, x] the
+    input pixel that kernel offset (i, j) of output pixel (y, x) reads; no copy beyond padding."""
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
@@ -273,10 +290,9 @@ def conv_patches(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     n, c, h, w = padded.shape
     ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     s_n, s_c, s_h, s_w = padded.stride()
-    view = padded.as_strided(
+    return padded.as_strided(
         (n, c, kh, kw, ho, wo), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw)
     )
-    return view.reshape(n, c * kh * kw, ho * wo)
 
 
 def group_norm_gradients(

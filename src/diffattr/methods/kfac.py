@@ -60,7 +60,7 @@ class KFACArgs:
     fisher: str = "mc"
     approx: str = "expand"
     mc_samples: int = 1
-    draws: int = 4
+    draws: int = 1
     seed: int = 0
     query_side: str = "measurement"
     train_side: str = "streamed"
